@@ -1,0 +1,448 @@
+"""One minimal decoder-only transformer for the Llama, OLMo, OLMo 2, Gemma 2 and Qwen 2 checkpoint families.
+
+Built from a checkpoint's `config.json`, loaded straight from its `*.safetensors`, never through
+`transformers`. Module names mirror the Hugging Face keys, so loading is `load_state_dict(strict=True)`
+and our saved checkpoints load in other tools.
+
+Shape letters: B batch, T positions, D width, H query heads, K key/value heads, E head dim,
+F MLP width, V vocabulary, L layers.
+
+Components for the scores (paper Sec. 4) are read and replaced through `Taps`: a dict-like record of
+named activations (`layers.{i}.{place}`), see the "taps" section below.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels.attention import attention
+
+DEFAULT_NAME = "smollm2-135m"      # the embedded default model (default_model.py)
+
+
+# --- config: the architecture, field by field from config.json ----------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    model_type: str
+    vocab_size: int
+    dim: int                       # D, hidden_size
+    n_layers: int                  # L
+    n_heads: int                   # H
+    n_kv_heads: int                # K (grouped-query attention when K < H)
+    head_dim: int                  # E
+    ffn_dim: int                   # F, intermediate_size
+    norm_eps: float
+    rope_theta: float
+    rope_llama3: tuple | None      # (factor, low_freq_factor, high_freq_factor, original_max_positions)
+    tie_embeddings: bool
+    activation: str                # "silu" or "gelu_tanh"
+    norm: str                      # "rms", "rms_plus_one" (Gemma), "layernorm_noparam" (OLMo)
+    qkv_bias: bool                 # Qwen 2: biases on q, k, v
+    o_bias: bool
+    mlp_bias: bool
+    clip_qkv: float | None         # OLMo: clamp q, k, v
+    qk_norm: bool                  # OLMo 2: RMSNorm on q and k (over all heads together)
+    post_norms: bool               # OLMo 2: norms after attention and MLP instead of before
+    sandwich_norms: bool           # Gemma 2: norms before and after attention and MLP
+    embed_scale: bool              # Gemma 2: embeddings times sqrt(D)
+    attn_scale: float              # softmax temperature: E**-0.5, Gemma 2: query_pre_attn_scalar**-0.5
+    attn_softcap: float | None     # Gemma 2
+    final_softcap: float | None    # Gemma 2
+    sliding_window: int | None
+    sliding_layers: tuple          # indices of layers that use the sliding window
+
+    @staticmethod
+    def from_json(cfg: dict) -> "Config":
+        mt = cfg.get("model_type")
+        if mt not in ("llama", "olmo", "olmo2", "gemma2", "qwen2"):
+            raise ValueError(f"unsupported model_type {mt!r}: supported are llama, olmo, olmo2, gemma2, qwen2")
+        H = cfg["num_attention_heads"]
+        E = cfg.get("head_dim") or cfg["hidden_size"] // H
+        L = cfg["num_hidden_layers"]
+        # transformers >= 5 writes rope settings as `rope_parameters`; older configs as rope_theta + rope_scaling
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        llama3 = None
+        if rope_type == "llama3":
+            llama3 = (scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                      scaling["original_max_position_embeddings"])
+        elif rope_type != "default":
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("unsupported config: partial_rotary_factor != 1")
+        if mt == "qwen2" and cfg.get("use_sliding_window"):
+            raise ValueError("unsupported config: qwen2 with use_sliding_window=true")
+        gemma = mt == "gemma2"
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {act!r} (supported: silu, gelu_pytorch_tanh)")
+        sliding = ()
+        if gemma:
+            # transformers >= 5 lists layer_types; older Gemma 2 configs mean "even layers slide"
+            types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                               for i in range(L)]
+            sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        return Config(
+            model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=L, n_heads=H,
+            n_kv_heads=cfg.get("num_key_value_heads") or H, head_dim=E, ffn_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_llama3=llama3,
+            tie_embeddings=cfg.get("tie_word_embeddings", gemma),
+            activation="silu" if act == "silu" else "gelu_tanh",
+            norm={"gemma2": "rms_plus_one", "olmo": "layernorm_noparam"}.get(mt, "rms"),
+            qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),   # Qwen 2: q/k/v biases
+            o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            clip_qkv=cfg.get("clip_qkv") if mt == "olmo" else None,
+            qk_norm=mt == "olmo2", post_norms=mt == "olmo2", sandwich_norms=gemma, embed_scale=gemma,
+            attn_scale=(cfg["query_pre_attn_scalar"] if gemma else E) ** -0.5,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+            sliding_window=cfg.get("sliding_window") if gemma else None,
+            sliding_layers=sliding,
+        )
+
+
+# --- taps: reading and replacing named activations ------------------------------------------------
+
+class Taps(dict):
+    """Activations by name, `layers.{i}.{place}`, filled during a forward pass.
+
+    Places (TransformerLens names): resid_pre, attn_in (normed input of q/k/v), q, k, v (projection
+    outputs before RoPE, (B, T, H*E) and (B, T, K*E)), z (input of o_proj, (B, T, H*E): the heads'
+    outputs side by side), attn_out (o_proj output), resid_mid, mlp_in, gate, up, mlp_act (input of
+    down_proj), mlp_out.
+    `patch` maps names to tensors that replace the activation. With `grads=True` every recorded tensor
+    keeps its gradient (`.grad` after backward): the scores need dR/dy at every component's output.
+    """
+
+    def __init__(self, patch=None, grads=False):
+        super().__init__()
+        self.patch = patch or {}
+        self.grads = grads
+
+    def __call__(self, name, x):
+        if name in self.patch:
+            x = self.patch[name]
+        if self.grads and x.requires_grad:
+            x.retain_grad()
+        self[name] = x
+        return x
+
+
+def _tap(taps, name, x):
+    return x if taps is None else taps(name, x)
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+class Norm(nn.Module):
+    """RMSNorm (Llama, Qwen 2, OLMo 2), RMSNorm with (1 + w) (Gemma 2), or parameter-free LayerNorm (OLMo)."""
+
+    def __init__(self, dim, kind, eps):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        if kind != "layernorm_noparam":
+            # Gemma stores w with the norm computing x * (1 + w): zeros are the identity
+            self.weight = nn.Parameter(torch.zeros(dim) if kind == "rms_plus_one" else torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()                                            # norms in fp32
+        if self.kind == "layernorm_noparam":                      # OLMo: eps fixed at 1e-5
+            return F.layer_norm(xf, xf.shape[-1:], eps=1e-5).to(x.dtype)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.kind == "rms_plus_one":                           # Gemma 2: scale in fp32, then cast
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)                       # Llama: cast, then scale
+
+
+def rope_tables(cfg: Config, T, device):
+    """cos, sin of shape (T, E) for rotate-half RoPE, fp32."""
+    E = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float64, device=device) / E)
+    if cfg.rope_llama3 is not None:
+        # Llama 3.1: slow down low frequencies by `factor`, keep high ones, interpolate in between
+        factor, lo, hi, old_len = cfg.rope_llama3
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        medium = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv_freq.float()[None]  # (T, E/2)
+    angles = torch.cat([angles, angles], dim=-1)                  # (T, E): rotate-half layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, n, E); rotate pairs (i, i + E/2): the Hugging Face checkpoint convention."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        H, K, E, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+        self.q_proj = nn.Linear(D, H * E, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, K * E, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, K * E, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * E, D, bias=cfg.o_bias)
+        if cfg.qk_norm:                                           # OLMo 2: over all heads at once
+            self.q_norm = Norm(H * E, "rms", cfg.norm_eps)
+            self.k_norm = Norm(K * E, "rms", cfg.norm_eps)
+
+    def forward(self, x, rope, mask, window, taps, pre, impl):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q = _tap(taps, pre + "q", self.q_proj(x))                 # (B, T, H*E)
+        k = _tap(taps, pre + "k", self.k_proj(x))                 # (B, T, K*E)
+        v = _tap(taps, pre + "v", self.v_proj(x))                 # (B, T, K*E)
+        if cfg.clip_qkv is not None:                              # OLMo
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.view(B, T, H, E), *rope)                 # (B, T, H, E)
+        k = apply_rope(k.view(B, T, K, E), *rope)                 # (B, T, K, E)
+        v = v.view(B, T, K, E)
+        z = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, H, T, E)
+                      scale=cfg.attn_scale, softcap=cfg.attn_softcap, window=window,
+                      attention_mask=mask, impl=impl)
+        z = _tap(taps, pre + "z", z.transpose(1, 2).reshape(B, T, H * E))         # (B, T, H*E)
+        return self.o_proj(z)                                     # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.act = F.silu if cfg.activation == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x, taps, pre):
+        gate = _tap(taps, pre + "gate", self.gate_proj(x))        # (B, T, F)
+        up = _tap(taps, pre + "up", self.up_proj(x))              # (B, T, F)
+        h = _tap(taps, pre + "mlp_act", self.act(gate) * up)      # (B, T, F): SwiGLU / GeGLU
+        return self.down_proj(h)                                  # (B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, i: int):
+        super().__init__()
+        self.cfg, self.i = cfg, i
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        n = lambda: Norm(cfg.dim, cfg.norm, cfg.norm_eps)        # OLMo: parameter-free, so no keys
+        if not cfg.post_norms:                                    # OLMo 2 has no pre-norms
+            self.input_layernorm = n()
+        self.post_attention_layernorm = n()                       # pre-MLP (Llama), post-attention (OLMo 2, Gemma 2)
+        if cfg.sandwich_norms:                                    # Gemma 2
+            self.pre_feedforward_layernorm = n()
+        if cfg.post_norms or cfg.sandwich_norms:
+            self.post_feedforward_layernorm = n()
+        self.window = cfg.sliding_window if i in cfg.sliding_layers else None
+
+    def attn_sublayer(self, resid, rope, mask, taps=None, impl="auto"):
+        """The attention's write into the residual stream, from the residual stream `resid`."""
+        pre, cfg = f"layers.{self.i}.", self.cfg
+        x = resid if cfg.post_norms else self.input_layernorm(resid)
+        x = _tap(taps, pre + "attn_in", x)
+        out = _tap(taps, pre + "attn_out", self.self_attn(x, rope, mask, self.window, taps, pre, impl))
+        if cfg.post_norms or cfg.sandwich_norms:
+            out = self.post_attention_layernorm(out)
+        return out
+
+    def mlp_sublayer(self, resid, taps=None):
+        """The MLP's write into the residual stream, from the residual stream `resid`."""
+        pre, cfg = f"layers.{self.i}.", self.cfg
+        if cfg.post_norms:
+            x = resid
+        elif cfg.sandwich_norms:
+            x = self.pre_feedforward_layernorm(resid)
+        else:
+            x = self.post_attention_layernorm(resid)
+        x = _tap(taps, pre + "mlp_in", x)
+        out = _tap(taps, pre + "mlp_out", self.mlp(x, taps, pre))
+        if cfg.post_norms or cfg.sandwich_norms:
+            out = self.post_feedforward_layernorm(out)
+        return out
+
+    def forward(self, h, rope, mask, taps=None, impl="auto"):
+        pre = f"layers.{self.i}."
+        h = _tap(taps, pre + "resid_pre", h)
+        h = _tap(taps, pre + "resid_mid", h + self.attn_sublayer(h, rope, mask, taps, impl))
+        return h + self.mlp_sublayer(h, taps)
+
+
+class Body(nn.Module):
+    """Holds the keys under `model.` of a Hugging Face checkpoint."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Body(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.attn_impl = "auto"        # "auto": Triton kernel on CUDA, torch twin on CPU (kernels/attention.py)
+        self.source = None             # the checkpoint directory, set by from_pretrained
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def prepare(self, input_ids, attention_mask=None):
+        """What every layer needs besides the residual stream: RoPE tables and the padding mask."""
+        T = input_ids.shape[1]
+        return rope_tables(self.config, T, input_ids.device), attention_mask
+
+    def hidden(self, input_ids, attention_mask=None, taps=None):
+        """Final-normed hidden states (B, T, D). Right padding keeps positions 0..n-1 for real tokens."""
+        rope, mask = self.prepare(input_ids, attention_mask)
+        h = self.model.embed_tokens(input_ids)                     # (B, T, D)
+        if self.config.embed_scale:                               # Gemma 2: sqrt(D), rounded to the dtype
+            h = h * torch.tensor(self.config.dim ** 0.5, dtype=h.dtype)
+        for block in self.model.layers:
+            h = block(h, rope, mask, taps, self.attn_impl)
+        return self.model.norm(h)
+
+    def logits(self, h):
+        """The output head in fp32, at whatever positions `h` holds: (..., D) -> (..., V)."""
+        w = self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+        logits = F.linear(h, w).float()
+        if self.config.final_softcap is not None:                 # Gemma 2: soft-capped logits
+            c = self.config.final_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
+
+    def forward(self, input_ids, attention_mask=None, taps=None):
+        return self.logits(self.hidden(input_ids, attention_mask, taps))   # (B, T, V)
+
+
+# --- loading and saving -------------------------------------------------------------------------
+
+def resolve(name_or_path, revision=None) -> Path:
+    """A checkpoint directory: the default model's cache, a local directory, or a hub snapshot."""
+    if str(name_or_path) == DEFAULT_NAME:
+        from default_model import default_checkpoint
+        return default_checkpoint()
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if p.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint directory at {name_or_path!r} (and it is not a hub id "
+                                f"'owner/name'): pass a directory with config.json, or {DEFAULT_NAME!r}")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:
+        raise FileNotFoundError(f"{name_or_path!r} is no local directory, and the Hugging Face hub did not "
+                                f"provide it ({type(e).__name__}): check the path, or the id and network") from None
+
+
+def load_config(path: Path) -> Config:
+    f = path / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint directory")
+    return Config.from_json(json.loads(f.read_text()))
+
+
+def _shards(path: Path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights")
+    return files
+
+
+def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=None) -> Transformer:
+    path = resolve(name_or_path, revision)
+    cfg = load_config(path)
+    with torch.device("meta"):                                    # build without allocating, then assign
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    state = {}
+    for f in _shards(path):
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    if key not in expected:
+                        # tied checkpoints may still carry lm_head.weight; rotary caches are derived
+                        if key == "lm_head.weight" and cfg.tie_embeddings or "rotary_emb" in key:
+                            continue
+                        raise ValueError(f"{f.name}: unexpected weight {key!r} for a {cfg.model_type} model")
+                    t = sf.get_tensor(key)
+                    if t.shape != expected[key].shape:
+                        raise ValueError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
+                                         f"config.json implies {tuple(expected[key].shape)}")
+                    state[key] = t.to(device=device, dtype=dtype)
+        except Exception as e:
+            if isinstance(e, ValueError) and str(e).startswith(f.name):
+                raise
+            raise ValueError(f"cannot read {f}: {e} (truncated or corrupt file? re-download it)") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.source = path
+    return model.eval()
+
+
+def load_tokenizer(name_or_path, revision=None):
+    from tokenizers import Tokenizer
+    path = resolve(name_or_path, revision)
+    f = path / "tokenizer.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{path} has no tokenizer.json")
+    return Tokenizer.from_file(str(f))
+
+
+def save_checkpoint(model: Transformer, out_dir, extra_files=None):
+    """config.json, tokenizer files and model.safetensors (in the model's dtype), atomically:
+    everything goes into a temp directory beside `out_dir`, which then replaces it."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        src = Path(model.source)
+        for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json"]:
+            if (src / name).exists():
+                shutil.copy(src / name, tmp / name)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,120 @@
+"""Our model against `transformers` (the reference), family by family, on tiny random checkpoints."""
+import json
+
+import pytest
+import torch
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            initializer_range=0.2)          # large enough that soft-caps and windows matter
+
+FAMILIES = {
+    # Llama 3.1-style: llama3 RoPE scaling, untied head
+    "llama": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=False, rope_theta=50000.0,
+                                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 16}),
+    "llama_tied": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=True),
+    "olmo": lambda: transformers.OlmoConfig(**TINY, clip_qkv=0.5, pad_token_id=0),
+    "olmo2": lambda: transformers.Olmo2Config(**TINY, pad_token_id=0),
+    "gemma2": lambda: transformers.Gemma2Config(**TINY, head_dim=32, query_pre_attn_scalar=24,
+                                                sliding_window=5, attn_logit_softcapping=2.0,
+                                                final_logit_softcapping=5.0, pad_token_id=0),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=False),
+}
+
+
+def save_tiny(family, path, shard=None):
+    torch.manual_seed(0)
+    cfg = FAMILIES[family]()
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():                     # random norm weights and biases, so that none is trivially 1 or 0
+        for name, p in ref.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    kw = {"max_shard_size": shard} if shard else {}
+    ref.save_pretrained(path, safe_serialization=True, **kw)
+    return ref
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 101, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0                          # right padding
+    mask[2, 3:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers(family, tmp_path):
+    ref = save_tiny(family, tmp_path)
+    ours = M.from_pretrained(tmp_path)
+    assert set(ours.state_dict()) | {"lm_head.weight"} >= set(ref.state_dict())
+    ids, mask = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, mask)
+        got_unpadded = ours(ids[2:, :3])     # the padded row equals the same sequence without padding
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max() < 1e-4
+    assert (got[2, :3] - got_unpadded[0]).abs().max() < 1e-4
+
+
+def test_gemma2_longer_than_window(tmp_path):
+    ref = save_tiny("gemma2", tmp_path)
+    ours = M.from_pretrained(tmp_path)
+    assert ours.layers[0].window == 5 and ours.layers[1].window is None
+    ids = torch.randint(3, 101, (2, 23), generator=torch.Generator().manual_seed(2))   # 23 > window 5
+    with torch.no_grad():
+        diff = (ours(ids) - ref(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4
+    ours.layers[0].window = None             # the window matters: without it the logits differ
+    with torch.no_grad():
+        assert (ours(ids) - ref(input_ids=ids).logits).abs().max() > 1e-3
+
+
+def test_sharded_checkpoint(tmp_path):
+    ref = save_tiny("llama", tmp_path, shard="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = M.from_pretrained(tmp_path)
+    ids, mask = batch()
+    with torch.no_grad():
+        assert (ours(ids, mask)[mask.bool()] - ref(input_ids=ids, attention_mask=mask).logits[mask.bool()]).abs().max() < 1e-4
+
+
+def test_taps_record_and_patch(tmp_path):
+    save_tiny("llama", tmp_path)
+    m = M.from_pretrained(tmp_path)
+    ids, mask = batch()
+    taps = M.Taps()
+    with torch.no_grad():
+        base = m(ids, mask, taps=taps)
+    z = taps["layers.1.z"]
+    assert z.shape == (3, 12, 4 * 16) and taps["layers.2.mlp_out"].shape == (3, 12, 64)
+    # the head outputs z feed o_proj: attn_out is exactly o_proj(z)
+    assert torch.allclose(m.layers[1].self_attn.o_proj(z), taps["layers.1.attn_out"])
+    # patching a component's output changes the logits; patching it with its own value does not
+    with torch.no_grad():
+        same = m(ids, mask, taps=M.Taps(patch={"layers.1.z": z}))
+        other = m(ids, mask, taps=M.Taps(patch={"layers.1.z": torch.zeros_like(z)}))
+    assert torch.equal(same, base) and (other - base).abs().max() > 1e-3
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        M.from_pretrained(tmp_path / "missing")
+    save_tiny("llama", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
+        M.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])    # truncated download
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        M.from_pretrained(tmp_path)
