@@ -135,7 +135,9 @@ class Taps(dict):
     def __call__(self, name, x):
         if name in self.patch:
             x = self.patch[name]
-        if self.grads and x.requires_grad:
+        if self.grads:
+            if not x.requires_grad:    # the embedding output (frozen weights): make it the leaf we differentiate from
+                x.requires_grad_()
             x.retain_grad()
         self[name] = x
         return x
@@ -146,6 +148,11 @@ def _tap(taps, name, x):
 
 
 # --- building blocks ------------------------------------------------------------------------------
+
+def upcast(x):
+    """At least fp32: norms, RoPE and softmax never run in half precision (fp64 stays fp64 for tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
 
 class Norm(nn.Module):
     """RMSNorm (Llama, Qwen 2, OLMo 2), RMSNorm with (1 + w) (Gemma 2), or parameter-free LayerNorm (OLMo)."""
@@ -158,12 +165,12 @@ class Norm(nn.Module):
             self.weight = nn.Parameter(torch.zeros(dim) if kind == "rms_plus_one" else torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()                                            # norms in fp32
+        xf = upcast(x)                                            # norms in fp32
         if self.kind == "layernorm_noparam":                      # OLMo: eps fixed at 1e-5
             return F.layer_norm(xf, xf.shape[-1:], eps=1e-5).to(x.dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.kind == "rms_plus_one":                           # Gemma 2: scale in fp32, then cast
-            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+            return (xf * (1.0 + upcast(self.weight))).to(x.dtype)
         return self.weight * xf.to(x.dtype)                       # Llama: cast, then scale
 
 
@@ -186,9 +193,10 @@ def rope_tables(cfg: Config, T, device):
 
 def apply_rope(x, cos, sin):
     """x (B, T, n, E); rotate pairs (i, i + E/2): the Hugging Face checkpoint convention."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    xf = upcast(x)
+    x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -330,7 +338,7 @@ class Transformer(nn.Module):
     def logits(self, h):
         """The output head in fp32, at whatever positions `h` holds: (..., D) -> (..., V)."""
         w = self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
-        logits = F.linear(h, w).float()
+        logits = upcast(F.linear(h, w))
         if self.config.final_softcap is not None:                 # Gemma 2: soft-capped logits
             c = self.config.final_softcap
             logits = c * torch.tanh(logits / c)
