@@ -1,7 +1,14 @@
 """Shared fixtures. The tests import the top-level scripts (`model`, `default_model`, ...), so the repository
 root goes on the path, whatever directory pytest is started from."""
+import os
 import sys
 from pathlib import Path
+
+# Triton reads TRITON_INTERPRET when it is first imported, by whichever test module comes first: without a GPU
+# the kernel tests run in its CPU interpreter (set TRITON_INTERPRET=0 on a CUDA machine to test the compiled
+# kernels). Tests never reach the Hugging Face hub.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
