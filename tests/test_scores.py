@@ -1,0 +1,161 @@
+"""The scores (eqs. 4-9) against their definitions: the gradient identity, exact interventions (eqs. 1-3) for
+small weight changes, and invariance to padding and batching. Tiny random transformers, float64."""
+import pytest
+import torch
+
+import data
+import model as M
+import scores as S
+
+transformers = pytest.importorskip("transformers")
+
+
+class CharTokenizer:
+    """Enough of tokenizers.Tokenizer for data.py: one token per character, spaces dropped, BOS = 1."""
+
+    class Enc:
+        def __init__(self, ids):
+            self.ids, self.attention_mask = ids, [1] * len(ids)
+
+    def encode(self, s, add_special_tokens=True):
+        return self.Enc(([1] if add_special_tokens else []) + [3 + (ord(c) % 90) for c in s if c != " "])
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def id_to_token(self, i):
+        return chr(i - 3 + 32) if i >= 3 else "<s>"
+
+    def get_vocab(self):
+        return {}
+
+
+PROMPTS = [S_ for S_ in ("The kin of Ab is", "The kin of Cde is", "The kin of Fg is", "The kin of Hijk is")]
+EXAMPLES = [data.Example(p, a) for p, a in zip(PROMPTS, ["x", "y", "z", "w"])]
+
+
+def tiny_pair(tmp_path, family="qwen2", eps=1e-2, layers=None, seed=0):
+    """W from a random tiny checkpoint; W' = W + eps * a random change of every weight (or of `layers`)."""
+    torch.manual_seed(seed)
+    cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[family]
+    cfg = cls(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, initializer_range=0.3, tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    a = M.from_pretrained(tmp_path, dtype=torch.float64).requires_grad_(False)
+    b = M.from_pretrained(tmp_path, dtype=torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        for name, p in b.named_parameters():
+            if ".layers." in name and (layers is None or int(name.split(".")[2]) in layers):
+                p.add_(eps * torch.randn_like(p) * (p.std() if p.numel() > 1 else 1.0))
+    return a, b
+
+
+def prompts():
+    return S.make_prompts(CharTokenizer(), EXAMPLES)
+
+
+def test_alignment_is_by_template():
+    b = prompts()
+    # prefix "<s>The kin of " shared, slot right-aligned, suffix " is" shared; the longest prompt is the anchor
+    n = [len(p.replace(" ", "")) + 1 for p in PROMPTS]
+    assert b.anchor == 3 and b.Ta == n[3]
+    assert b.pos[0, :n[0]].tolist() == list(range(9)) + list(range(b.Ta - (n[0] - 9), b.Ta))
+    assert (b.pos[0, n[0]:] == -1).all()
+
+
+def test_informative_sums_to_weight_gradient(tmp_path):
+    """sum over components and positions of eq. 4 = <dW, dR/dW> over all linear maps (q, k, v, o, gate, up,
+    down, and the q/k/v biases of Qwen 2)."""
+    a, b = tiny_pair(tmp_path)
+    p = prompts()
+    lin = S.linearized(a, b, p)
+    total = lin["informative.mlp"].sum() + lin["informative.attn"].sum()
+    a.requires_grad_(True)
+    S.rewards(a, p).sum().backward()
+    pb = dict(b.named_parameters())
+    want = sum(((pb[n] - w) * w.grad).sum() for n, w in a.named_parameters()
+               if n.endswith("_proj.weight") or n.endswith("_proj.bias"))
+    assert torch.isclose(total.double(), want, rtol=1e-5), (total, want)
+
+
+def central(f, a, b_plus, b_minus):
+    return {k: (f(a, b_plus)[k] - f(a, b_minus)[k]) / 2 for k in ("informative", "downstream", "upstream")}
+
+
+def lin_table(a, b, p, rows):
+    lin = S.linearized(a, b, p)
+    H = a.config.n_heads
+    return {k: torch.cat([lin[f"{k}.attn"], lin[f"{k}.mlp"][..., None]], -1)[rows].sum(1).mean(0).double()
+            for k in ("informative", "downstream", "upstream")}
+
+
+@pytest.mark.parametrize("family", ["qwen2"])   # q/k/v biases; llama is covered by the upstream test
+def test_linearized_match_finite_differences(tmp_path, family):
+    """For W' = W +- eps * Delta, the central difference of the exact scores (eqs. 1, 2) equals that of the
+    linearized ones (eqs. 4, 5) up to O(eps^3): the second-order terms cancel."""
+    eps = 1e-4
+    a, bp = tiny_pair(tmp_path, family, eps)
+    _, bm = tiny_pair(tmp_path, family, -eps)
+    p, rows = prompts(), [0, 1, 2, 3]
+    ex = central(lambda x, y: S.exact(x, y, p, rows), a, bp, bm)
+    li = central(lambda x, y: lin_table(x, y, p, rows), a, bp, bm)
+    for k in ("informative", "downstream"):
+        scale = li[k].abs().max()
+        assert scale > 1e-6                                # the test measures something
+        assert (ex[k] - li[k]).abs().max() < 1e-3 * scale, k
+
+
+def test_upstream_matches_double_finite_difference(tmp_path, monkeypatch):
+    """Eq. 6 linearizes eq. 3 in both the late-weight change and the ablation y -> y*. Change only layers
+    after layer 0 (so W'_late is all of W' for layer 0's components) and ablate only a fraction delta of the
+    way to the mean: then exact and linearized upstream scores of layer 0 agree to O(eps^2 + delta)."""
+    eps, delta = 1e-4, 1e-3
+    mean = S.aligned_mean_of_others
+    monkeypatch.setattr(S, "aligned_mean_of_others", lambda y, pos, Ta: y + delta * (mean(y, pos, Ta) - y))
+    a, bp = tiny_pair(tmp_path, "llama", eps, layers={1, 2})
+    _, bm = tiny_pair(tmp_path, "llama", -eps, layers={1, 2})
+    p, rows = prompts(), [0, 1, 2, 3]
+    ex = central(lambda x, y: S.exact(x, y, p, rows), a, bp, bm)["upstream"][0]
+    li = central(lambda x, y: lin_table(x, y, p, rows), a, bp, bm)["upstream"][0]
+    assert li.abs().max() > 1e-12
+    assert (ex - li).abs().max() < 1e-2 * li.abs().max(), (ex, li)
+
+
+def test_padding_and_batching_do_not_change_scores(tmp_path):
+    a, b = tiny_pair(tmp_path)
+    p = prompts()
+    lin = S.linearized(a, b, p)
+    # the same scores with the prompts in another order and extra padding columns
+    order = [2, 0, 3, 1]
+    q = p.subset(order)
+    q.ids = torch.cat([q.ids, torch.zeros(4, 3, dtype=torch.long)], 1)
+    q.mask = torch.cat([q.mask, torch.zeros(4, 3, dtype=torch.long)], 1)
+    q.pos = torch.cat([q.pos, torch.full((4, 3), -1)], 1)
+    lin2 = S.linearized(a, b, q)
+    for k in lin:
+        assert torch.allclose(lin2[k][:, :p.ids.shape[1]], lin[k][order], atol=1e-9), k
+        assert (lin2[k][:, p.ids.shape[1]:] == 0).all()
+
+
+def test_mlp_informative_counts_all_three_maps(tmp_path):
+    """Changing only up_proj must show up in the MLP informative score (the reference implementation drops it)."""
+    a, b = tiny_pair(tmp_path, eps=0.0)
+    with torch.no_grad():
+        b.layers[1].mlp.up_proj.weight.add_(0.05)
+    lin = S.linearized(a, b, prompts())
+    assert lin["informative.mlp"][:, :, 1].abs().sum() > 1e-6
+    assert lin["informative.mlp"][:, :, [0, 2]].abs().sum() == 0 and lin["informative.attn"].abs().sum() == 0
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="one template"):
+        S.make_prompts(CharTokenizer(), [data.Example("Ab is", "x"), data.Example("Cd at", "y")])
+    with pytest.raises(ValueError, match="no implication prompts"):
+        S.make_prompts(CharTokenizer(), [])
+    a, _ = tiny_pair(tmp_path / "a")
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=16, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(tmp_path / "c")
+    c = M.from_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match="different architectures"):
+        S.check_pair(a, c, CharTokenizer(), CharTokenizer(), "a", "c")
