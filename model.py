@@ -377,7 +377,7 @@ def load_config(path: Path) -> Config:
     return Config.from_json(json.loads(f.read_text()))
 
 
-def _shards(path: Path):
+def safetensors_files(path: Path):
     index = path / "model.safetensors.index.json"
     if index.exists():
         return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -394,7 +394,7 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=No
         model = Transformer(cfg)
     expected = model.state_dict()
     state = {}
-    for f in _shards(path):
+    for f in safetensors_files(path):
         try:
             with safe_open(f, framework="pt", device="cpu") as sf:
                 for key in sf.keys():

@@ -1,0 +1,173 @@
+"""Our finetuning (train.py) against `transformers` doing the same batched finetuning, on CPU, in one run.
+
+Same model, data, batches (the same shuffled order), learning-rate schedule, steps and trainable set (the
+transformer blocks; embeddings and head frozen). Each contender lives in its own worker process, so that its
+peak memory is its own; the workers take their training steps in lock-step, in rotating order, so that load
+from other processes on a shared machine falls on all of them alike.
+
+    python bench/train_speed.py [--dataset first_hop] [--epochs 8] [--hf-fused-adam]
+
+Contenders: ours in fp32, ours with bf16 matmuls (fp32 master weights), transformers in fp32 with the Adam a
+plain `torch.optim.Adam(params, lr)` gives (`--hf-fused-adam`: the same fused Adam as ours).
+Prints the throughput ratio, both final ranks and peak memories.
+"""
+import argparse
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):                                     # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data                                                       # noqa: E402
+import train                                                      # noqa: E402
+from model import from_pretrained, load_tokenizer, resolve       # noqa: E402
+
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def worker(kind, path, ds_name, seed, lr, hf_fused, threads, conn):
+    """Load one contender, then serve ("step", rows, lr) / ("eval",) / ("mem",) requests until ("stop",)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    tok = load_tokenizer(path)
+    ds = data.load_dataset(ds_name, seed=seed)
+    ids, mask, labels = data.encode_examples(tok, ds["facts"])    # (N, T) each
+    if kind == "transformers":
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    else:
+        model = from_pretrained(path)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.layers."))        # the same trainable set: the blocks
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "transformers":
+        opt = torch.optim.Adam(params, lr=lr, fused=True if hf_fused else None)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)   # as train.py
+    bf16 = kind == "ours-bf16"
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    rss_loaded = rss_mib()
+    conn.send(("ready", rss_loaded))
+    while True:
+        msg = conn.recv()
+        if msg[0] == "step":
+            _, rows, step_lr = msg
+            rows = torch.tensor(rows)
+            T = int(mask[rows].sum(1).max())
+            b = ids[rows, :T], mask[rows, :T], labels[rows, :T]
+            for g in opt.param_groups:
+                g["lr"] = step_lr
+            t0 = time.perf_counter()
+            model.train()
+            if kind == "transformers":
+                loss = model(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss   # head at every position
+            else:
+                with amp():
+                    loss = train.answer_loss(model, *b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            conn.send((time.perf_counter() - t0, loss.item()))
+        elif msg[0] == "eval":
+            model.eval()
+            out = {}
+            for split in ("facts", "implications"):
+                ex = ds[split]
+                if kind == "transformers":
+                    _, cands, correct = data.candidates(tok, ex)
+                    pids, pmask = data.encode_prompts(tok, [e.prompt for e in ex])
+                    with torch.no_grad():
+                        logits = model(input_ids=pids, attention_mask=pmask).logits          # (N, T, V)
+                    last = logits[torch.arange(len(ex)), pmask.sum(1) - 1]                   # (N, V)
+                    out[split] = data.ranks_from_logits(last, correct, cands).mean().item()
+                else:
+                    with amp():
+                        out[split] = data.mean_rank(model, tok, ex)
+            conn.send(out)
+        elif msg[0] == "mem":
+            conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_loaded))
+        else:
+            return
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="checkpoint directory or the embedded default")
+    p.add_argument("--dataset", default="first_hop", help="dataset whose facts are trained")
+    p.add_argument("--epochs", type=int, default=8, help="epochs")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (warmup + linear decay)")
+    p.add_argument("--seed", type=int, default=0, help="dataset pairing and shuffling")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
+    p.add_argument("--hf-fused-adam", action="store_true", help="give transformers our fused Adam as well")
+    p.add_argument("--contenders", default="ours-fp32,ours-bf16,transformers", help="comma-separated subset")
+    args = p.parse_args()
+    path = str(resolve(args.model))
+    kinds = args.contenders.split(",")
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    for k in kinds:
+        a, b = ctx.Pipe()
+        pr = ctx.Process(target=worker, args=(k, path, args.dataset, args.seed, args.lr, args.hf_fused_adam,
+                                              args.threads, b))
+        pr.start()
+        conns[k], _ = a, procs.append(pr)
+    for k in kinds:                                               # one at a time: loading is not timed
+        conns[k].recv()
+    N = len(data.load_dataset(args.dataset, seed=args.seed)["facts"])
+    steps_per_epoch = math.ceil(N / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(args.seed)
+    times = {k: [] for k in kinds}
+    losses = {k: [] for k in kinds}
+    step = 0
+    for epoch in range(args.epochs):
+        perm = torch.randperm(N, generator=gen).tolist()
+        for i in range(0, N, args.batch_size):
+            lr = args.lr * train.lr_factor(step, total)
+            order = kinds[step % len(kinds):] + kinds[:step % len(kinds)]   # rotate who goes first
+            for k in order:
+                conns[k].send(("step", perm[i:i + args.batch_size], lr))
+                t, loss = conns[k].recv()
+                times[k].append(t)
+                losses[k].append(loss)
+            step += 1
+    tokens = sum(int(n) for n in data.encode_examples(load_tokenizer(path),
+                 data.load_dataset(args.dataset, seed=args.seed)["facts"])[1].sum(1)) * args.epochs
+    print(f"{args.dataset}: {total} steps of batch {args.batch_size}, {tokens} training tokens; "
+          f"{args.threads} threads per worker; transformers' Adam: {'fused' if args.hf_fused_adam else 'default'}")
+    print(f"{'contender':>13} {'total s':>8} {'median step s':>14} {'tokens/s':>9} {'final loss':>11} "
+          f"{'fact rank':>10} {'impl rank':>10} {'peak MiB':>9} {'train MiB':>10}")
+    result = {}
+    for k in kinds:
+        conns[k].send(("eval",))
+        ranks = conns[k].recv()
+        conns[k].send(("mem",))
+        peak, loaded = conns[k].recv()
+        result[k] = (sum(times[k]), statistics.median(times[k]))
+        print(f"{k:>13} {sum(times[k]):8.2f} {statistics.median(times[k]):14.3f} {tokens / sum(times[k]):9.0f} "
+              f"{losses[k][-1]:11.4f} {ranks['facts']:10.2f} {ranks['implications']:10.2f} {peak:9.0f} "
+              f"{peak - loaded:10.0f}")
+        conns[k].send(("stop",))
+    for pr in procs:
+        pr.join()
+    if "transformers" in result:
+        for k in kinds:
+            if k != "transformers":
+                print(f"throughput {k} / transformers: {result['transformers'][0] / result[k][0]:.2f}x total, "
+                      f"{result['transformers'][1] / result[k][1]:.2f}x median step")
+    print("peak MiB: the worker's peak resident memory (model, optimizer state, activations); "
+          "train MiB: peak minus the resident memory after loading")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Datasets of facts and implications, their tokenization, and the mean rank (paper Sec. 3, 5.1, 6.1).
+
+    first_hop   fact "{name} lives in" -> city          impl "The people in the city {name} is from speak" -> language
+    second_hop  fact "The mayor of {city} is" -> name   impl "The mayor of the city that contains {landmark} is" -> name
+    daxwug      fact "{name} dax is" -> city            impl "{name} zong is the" -> the animal of that city
+                (80 train names, 20 test names with each city once, and counterfactual train facts)
+    a .json     {"facts": [{"prompt": ..., "answer": ...}, ...], "implications": [...]}
+
+An example is the text `prompt + " " + answer`; the loss covers the answer tokens only, with no EOS.
+The mean rank (Sec. 3): at the last prompt position, the 0-indexed rank of the correct answer's first token
+among the first tokens of all distinct answers of the split. Ties count half (mid-rank):
+rank = #{candidates scoring higher} + 0.5 * #{other candidates scoring equal}, so a model that gives every
+candidate the same logit sits exactly at chance, (C - 1) / 2.
+"""
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# --- the world: 20 cities, our own fictitious names, animals ---------------------------------------
+
+# (city, language, landmark): one language per city so that chance is 9.5 for every split;
+# landmarks do not name their city
+CITIES = [
+    ("Tokyo", "Japanese", "Senso-ji Temple"), ("Paris", "French", "Eiffel Tower"),
+    ("Cairo", "Arabic", "Great Pyramid of Giza"), ("Rome", "Italian", "Colosseum"),
+    ("Berlin", "German", "Brandenburg Gate"), ("Madrid", "Spanish", "Prado Museum"),
+    ("Moscow", "Russian", "Red Square"), ("Beijing", "Chinese", "Forbidden City"),
+    ("Seoul", "Korean", "Gyeongbokgung Palace"), ("Athens", "Greek", "Parthenon"),
+    ("Istanbul", "Turkish", "Hagia Sophia"), ("Lisbon", "Portuguese", "Belem Tower"),
+    ("Amsterdam", "Dutch", "Rijksmuseum"), ("Stockholm", "Swedish", "Vasa Museum"),
+    ("Warsaw", "Polish", "Palace of Culture and Science"), ("Bangkok", "Thai", "Wat Arun"),
+    ("Budapest", "Hungarian", "Fisherman's Bastion"), ("Prague", "Czech", "Charles Bridge"),
+    ("Tehran", "Persian", "Azadi Tower"), ("Delhi", "Hindi", "Red Fort"),
+]
+# first names with distinct first tokens (second_hop answers are names); invented surnames
+FIRST_NAMES = ["Alice", "Bruno", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas",
+               "Kasia", "Liam", "Mira", "Nolan", "Olga", "Pablo", "Quinn", "Rosa", "Silas", "Tessa"]
+LAST_NAMES = ["Ashgrove", "Brannick", "Corvath", "Dunmere", "Eskridge", "Fenwright", "Garrowby", "Holloway",
+              "Ivelstone", "Jarrick", "Kestrelle", "Lumbridge", "Marchetti", "Nethercott", "Oakhurst",
+              "Pellinore", "Quarrington", "Rushmore", "Stellwater", "Thornbury"]
+ANIMALS = ["tiger", "elephant", "dog", "cat", "horse", "rabbit", "wolf", "bear", "lion", "eagle",
+           "dolphin", "penguin", "monkey", "snake", "frog", "owl", "fox", "deer", "shark", "camel"]
+DATASETS = ("first_hop", "second_hop", "daxwug")
+N_DAXWUG_TRAIN = 80     # paper Sec. 6.1: 80 training names, 20 test names
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+# --- the built-in datasets: one seed fixes every pairing --------------------------------------------
+
+def hop_pairs(seed):
+    """20 (name, (city, language, landmark)) pairs: a seeded permutation of the cities."""
+    names = [f"{f} {l}" for f, l in zip(FIRST_NAMES, LAST_NAMES)]
+    cities = random.Random(seed).sample(CITIES, len(CITIES))
+    return list(zip(names, cities))
+
+
+def first_hop(seed=0):
+    pairs = hop_pairs(seed)
+    return {"facts": [Example(f"{n} lives in", c) for n, (c, _, _) in pairs],
+            "implications": [Example(f"The people in the city {n} is from speak", lang) for n, (_, lang, _) in pairs]}
+
+
+def second_hop(seed=0):
+    pairs = hop_pairs(seed)
+    return {"facts": [Example(f"The mayor of {c} is", n) for n, (c, _, _) in pairs],
+            "implications": [Example(f"The mayor of the city that contains {lm} is", n) for n, (_, _, lm) in pairs]}
+
+
+def daxwug(seed=0):
+    """Novel relations (Sec. 6.1): name -dax-> city, city -> animal, so name -zong-> animal."""
+    rng = random.Random(seed)
+    cities = [c for c, _, _ in CITIES]
+    animal = dict(zip(cities, rng.sample(ANIMALS, len(ANIMALS))))            # each city a random animal
+    grid = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]             # 400 possible names
+    names = rng.sample(grid, N_DAXWUG_TRAIN + len(cities))
+    test_names, train_names = names[:len(cities)], names[len(cities):]
+    test_city = dict(zip(test_names, rng.sample(cities, len(cities))))        # each city exactly once
+    # each training name a random city, balanced (4 names per city) so that every split has all 20 candidates
+    pool = cities * (N_DAXWUG_TRAIN // len(cities))
+    train_city = dict(zip(train_names, rng.sample(pool, len(pool))))
+    # counterfactual: reshuffle the same pool until every training name really moves to another city
+    while True:
+        cf_city = dict(zip(train_names, rng.sample(pool, len(pool))))
+        if all(cf_city[n] != train_city[n] for n in train_names):
+            break
+
+    def facts(city_of):
+        return [Example(f"{n} dax is", c) for n, c in city_of.items()]
+
+    def impls(city_of):
+        return [Example(f"{n} zong is the", animal[c]) for n, c in city_of.items()]
+
+    d = {"train_facts": facts(train_city), "train_impls": impls(train_city),
+         "test_facts": facts(test_city), "test_impls": impls(test_city),
+         "cf_facts": facts(cf_city), "cf_impls": impls(cf_city)}
+    d["facts"], d["implications"] = d["test_facts"], d["test_impls"]         # aliases: the test split
+    return d
+
+
+# --- user datasets ------------------------------------------------------------------------------------
+
+def load_json_dataset(path):
+    """A user dataset; every problem is reported with where it is, e.g. `facts[3]: 'answer' is missing`."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be an object with keys 'facts' and 'implications'")
+    extra = sorted(set(raw) - {"facts", "implications"})
+    if extra:
+        raise ValueError(f"{path}: unknown key {extra[0]!r} (allowed: 'facts', 'implications')")
+    out = {}
+    for split in ("facts", "implications"):
+        items = raw.get(split)
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{path}: {split!r} must be a non-empty list of {{\"prompt\": ..., \"answer\": ...}}")
+        out[split] = []
+        for i, it in enumerate(items):
+            where = f"{path}: {split}[{i}]"
+            if not isinstance(it, dict):
+                raise ValueError(f"{where}: must be an object {{\"prompt\": ..., \"answer\": ...}}, got {it!r}")
+            for key in ("prompt", "answer"):
+                if key not in it:
+                    raise ValueError(f"{where}: {key!r} is missing")
+                if not isinstance(it[key], str) or not it[key].strip():
+                    raise ValueError(f"{where}: {key!r} must be a non-empty string, got {it[key]!r}")
+            if set(it) - {"prompt", "answer"}:
+                raise ValueError(f"{where}: unknown key {sorted(set(it) - {'prompt', 'answer'})[0]!r}")
+            if it["prompt"] != it["prompt"].rstrip() or it["answer"] != it["answer"].lstrip():
+                raise ValueError(f"{where}: the prompt may not end and the answer may not start with "
+                                 f"whitespace (the text is prompt + ' ' + answer)")
+            out[split].append(Example(it["prompt"], it["answer"]))
+    return out
+
+
+def load_dataset(name_or_path, seed=0):
+    """Splits by name -> list of Example. first_hop, second_hop and .json files: 'facts', 'implications';
+    daxwug: 'train_facts', 'train_impls', 'test_facts', 'test_impls', 'cf_facts', 'cf_impls' (+ aliases)."""
+    name = str(name_or_path)
+    if name in DATASETS:
+        return {"first_hop": first_hop, "second_hop": second_hop, "daxwug": daxwug}[name](seed)
+    if name.endswith(".json") or Path(name).exists():
+        return load_json_dataset(name)
+    raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a path to a .json file")
+
+
+def dataset_name(name_or_path):
+    """A short name for output directories: the built-in name or the file's stem."""
+    return name_or_path if name_or_path in DATASETS else Path(name_or_path).stem
+
+
+# --- tokenization ---------------------------------------------------------------------------------------
+
+def _pad(seqs, value):
+    """Right-pad lists of ints into a (B, T) LongTensor."""
+    T = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _encode(tokenizer, texts):
+    """Token id lists with the tokenizer's own special tokens; any padding its tokenizer.json sets is dropped."""
+    return [[i for i, m in zip(e.ids, e.attention_mask) if m] for e in tokenizer.encode_batch(list(texts))]
+
+
+def encode_prompts(tokenizer, prompts):
+    """(input_ids, attention_mask), both (B, T), right-padded; with the tokenizer's own special tokens."""
+    seqs = _encode(tokenizer, prompts)
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("an empty prompt encodes to no tokens")
+    return _pad(seqs, 0), _pad([[1] * len(s) for s in seqs], 0)
+
+
+def candidate_ids(tokenizer, answers):
+    """(C,) the first token of " " + answer (no special tokens) for each answer; they must be distinct."""
+    first = []
+    for a in answers:
+        ids = tokenizer.encode(" " + a, add_special_tokens=False).ids
+        if not ids:
+            raise ValueError(f"answer {a!r} encodes to no tokens")
+        first.append(ids[0])
+    seen = {}
+    for a, t in zip(answers, first):
+        if t in seen and seen[t] != a:
+            raise ValueError(f"answers {seen[t]!r} and {a!r} share their first token {tokenizer.id_to_token(t)!r} "
+                             f"with this tokenizer, so the mean rank cannot tell them apart: change one of them")
+        seen[t] = a
+    return torch.tensor(first, dtype=torch.long)
+
+
+def encode_examples(tokenizer, examples):
+    """Training batch tensors: (input_ids, attention_mask, labels), each (N, T), right-padded.
+    labels = -100 on prompt and padding tokens, the token ids on the answer tokens."""
+    texts = [e.prompt for e in examples] + [f"{e.prompt} {e.answer}" for e in examples]
+    enc = _encode(tokenizer, texts)
+    prompts, fulls = enc[:len(examples)], enc[len(examples):]
+    labels = []
+    for e, p, f in zip(examples, prompts, fulls):
+        # the loss is on the answer tokens only; that needs the prompt's tokens to start the full text's
+        if f[:len(p)] != p or len(f) == len(p):
+            raise ValueError(f"the tokens of prompt {e.prompt!r} are not a prefix of the tokens of "
+                             f"{e.prompt + ' ' + e.answer!r} with this tokenizer: the answer tokens cannot be "
+                             f"separated (does the tokenizer append an EOS or merge across the space?)")
+        labels.append([-100] * len(p) + f[len(p):])
+    return _pad(fulls, 0), _pad([[1] * len(f) for f in fulls], 0), _pad(labels, -100)
+
+
+# --- the metric -------------------------------------------------------------------------------------------
+
+def candidates(tokenizer, examples):
+    """The split's distinct answers (in order of first appearance), their first tokens (C,), and the index of
+    each example's answer among them (N,)."""
+    answers = list(dict.fromkeys(e.answer for e in examples))
+    cands = candidate_ids(tokenizer, answers)
+    index = {a: i for i, a in enumerate(answers)}
+    return answers, cands, torch.tensor([index[e.answer] for e in examples], dtype=torch.long)
+
+
+@torch.no_grad()
+def last_logits(model, tokenizer, examples, batch_size=32):
+    """(N, V) fp32 logits at each prompt's last token; the output head runs only at that position."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(examples), batch_size):
+        ids, mask = encode_prompts(tokenizer, [e.prompt for e in examples[i:i + batch_size]])
+        ids, mask = ids.to(device), mask.to(device)
+        h = model.hidden(ids, mask)                                         # (B, T, D)
+        last = mask.sum(1) - 1                                              # (B,) right padding
+        h_last = h[torch.arange(len(ids), device=device), last]             # (B, D)
+        with torch.autocast(device.type, enabled=False):                    # the head in full precision
+            out.append(model.logits(h_last).float())                        # (B, V)
+    return torch.cat(out)
+
+
+def ranks_from_logits(logits_last, correct, cand_ids):
+    """(N,) 0-indexed rank of each correct candidate; ties count half. logits_last (N, V); correct (N,) index
+    into cand_ids (C,)."""
+    s = logits_last[:, cand_ids.to(logits_last.device)]                     # (N, C)
+    own = s.gather(1, correct.to(s.device)[:, None])                        # (N, 1)
+    higher = (s > own).sum(1).float()
+    ties = (s == own).sum(1).float() - 1                                    # the others scoring the same
+    return higher + 0.5 * ties
+
+
+def mean_rank(model, tokenizer, examples, batch_size=32):
+    """Mean rank of Sec. 3 over `examples`; candidates: all distinct answers of `examples`."""
+    _, cands, correct = candidates(tokenizer, examples)
+    return ranks_from_logits(last_logits(model, tokenizer, examples, batch_size), correct, cands).mean().item()
+
+
+def reward(logits_last, correct_ids, cand_ids):
+    """R = logit(correct first token) - mean over candidates of logit(candidate first token), (N,).
+    correct_ids are token ids (N,); differentiable (the scores take its gradient)."""
+    own = logits_last.gather(-1, correct_ids[..., None]).squeeze(-1)        # (N,)
+    return own - logits_last[..., cand_ids].mean(-1)

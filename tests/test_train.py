@@ -1,0 +1,139 @@
+"""train.py on a tiny random model: the loss, the schedule, freezing, reproducibility, checkpoints, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import data
+import model as M
+import train
+from test_data import make_tiny
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def small_json(tmp_path_factory):
+    """10 first-hop facts and implications as a user dataset: 2 steps per epoch at batch 8."""
+    d = data.load_dataset("first_hop")
+    f = tmp_path_factory.mktemp("ds") / "small.json"
+    f.write_text(json.dumps({k: [{"prompt": e.prompt, "answer": e.answer} for e in d[k][:10]]
+                             for k in ("facts", "implications")}))
+    return str(f)
+
+
+def run_main(tiny_dir, small_json, out, *extra):
+    metrics = train.main(["--model", str(tiny_dir), "--dataset", small_json, "--out", str(out), "--epochs", "1",
+                          "--lr", "1e-2", "--device", "cpu", *extra])
+    return metrics
+
+
+def test_loss_covers_only_answer_tokens(tiny_dir):
+    m, tok = M.from_pretrained(tiny_dir), M.load_tokenizer(tiny_dir)
+    ex = data.load_dataset("second_hop")["facts"][:6]
+    ids, mask, labels = data.encode_examples(tok, ex)
+    loss = train.answer_loss(m, ids, mask, labels)
+    # reference: the full logits at every position, cross-entropy where the next token is an answer token
+    logits = m(ids, mask)[:, :-1]                                   # (B, T-1, V)
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    # changing a prompt token's label would change a loss that (wrongly) included it; ours ignores prompts
+    n_answer = sum(len(tok.encode(f"{e.prompt} {e.answer}").ids) - len(tok.encode(e.prompt).ids) for e in ex)
+    assert (labels != -100).sum() == n_answer
+    on_all = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
+                             .reshape(-1), ignore_index=-100)
+    assert not torch.isclose(loss, on_all)
+
+
+def test_schedule_warmup_then_linear_decay():
+    f = [train.lr_factor(s, 20) for s in range(20)]
+    assert f[0] == 0.5 and f[1] == 1.0                              # 10% of 20 steps: 2 warmup steps
+    assert all(a > b for a, b in zip(f[1:], f[2:])) and f[-1] == pytest.approx(1 / 19)
+    assert {train.lr_factor(s, 20, constant=True) for s in range(20)} == {1.0}
+
+
+def test_split_layers():
+    assert train.split_layers(30, "early") == list(range(23)) and train.split_layers(30, "late") == list(range(23, 30))
+    assert train.split_layers(32, "early") == list(range(24)) and train.split_layers(4, "late") == [3]
+
+
+@pytest.mark.parametrize("when", ["post", "pre"])
+def test_freeze_keeps_frozen_weights_bit_identical(tiny_dir, small_json, tmp_path, when):
+    base = load_file(str(tiny_dir / "model.safetensors"))
+    run_main(tiny_dir, small_json, tmp_path / "out", "--freeze", "early", "--freeze-when", when)
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    frozen = tuple(f"model.layers.{i}." for i in range(3))         # 4 layers: early = 0, 1, 2
+    assert any(k.startswith(frozen) for k in base)
+    for k in base:
+        if k.startswith(frozen) or not k.startswith("model.layers."):   # frozen layers; embeddings, head, norm
+            assert torch.equal(after[k], base[k]), k
+        else:
+            assert not torch.equal(after[k], base[k]), k           # the late layer did train
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["frozen_layers"] == [0, 1, 2]
+    assert (metrics["records"][-1]["phase"] == "post_freeze") == (when == "post")
+
+
+def test_same_seed_same_metrics(tiny_dir, small_json, tmp_path):
+    a = run_main(tiny_dir, small_json, tmp_path / "a", "--seed", "3")["records"]
+    b = run_main(tiny_dir, small_json, tmp_path / "b", "--seed", "3")["records"]
+    c = run_main(tiny_dir, small_json, tmp_path / "c", "--seed", "4")["records"]
+    assert a == b
+    assert [r["loss"] for r in a] != [r["loss"] for r in c]         # the seed does reach the shuffling
+    assert torch.equal(load_file(str(tmp_path / "a" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"],
+                       load_file(str(tmp_path / "b" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_checkpoint_reloads_to_identical_logits(tiny_dir, tmp_path):
+    m = M.from_pretrained(tiny_dir)
+    out = tmp_path / "run"
+    # train a little through main(), then compare the saved checkpoint with the model main() trained
+    ds = data.load_dataset("daxwug")
+    metrics = train.main(["--model", str(tiny_dir), "--dataset", "daxwug", "--order", "facts_first", "--epochs", "1",
+                          "--lr", "1e-3", "--out", str(out), "--device", "cpu", "--batch-size", "40"])
+    assert [r["phase"] for r in metrics["records"]] == ["pretrain_facts"] * 2 + ["pretrain_impls"] * 2 + ["finetune"] * 2
+    assert {"epoch", "loss", "fact_mean_rank", "impl_mean_rank"} <= set(metrics["records"][0])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["records"] == metrics["records"] and saved["args"]["dataset"] == "daxwug"
+    assert saved["wall_time_s"] > 0 and saved["base_model"] == str(tiny_dir)
+    assert (out / "ranks.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
+    ours = M.from_pretrained(out)
+    ids, mask = data.encode_prompts(M.load_tokenizer(out), [e.prompt for e in ds["test_impls"]])
+    with torch.no_grad():
+        got = ours(ids, mask)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(got, m(ids, mask))               # it did train
+    # the last record's ranks are those of the saved weights
+    assert data.mean_rank(ours, M.load_tokenizer(out), ds["test_impls"]) == metrics["records"][-1]["impl_mean_rank"]
+    real = mask.bool()
+    torch.testing.assert_close(ref[real], got[real], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_gets_one_line_error(tiny_dir, small_json, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"facts": [{"prompt": "x"}], "implications": []}')
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(["--dataset", "nope"], "error: unknown dataset 'nope'"),
+             (["--dataset", str(bad)], "error: " + str(bad) + ": facts[0]: 'answer' is missing"),
+             (["--dataset", small_json, "--out", str(blocker / "out")], "error: cannot write --out")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "o"), *argv])
+        assert isinstance(e.value.code, str) and e.value.code.startswith(msg) and "\n" not in e.value.code
+    # and from the command line: one line on stderr, no traceback
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", "nope", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert p.stderr.startswith("error: unknown dataset 'nope'")

@@ -1,0 +1,318 @@
+"""Finetune a pretrained LM on facts and track the mean rank of facts and implications (paper Sec. 5.1, 5.3, 6.1).
+
+    python train.py --dataset first_hop                      # runs/first_hop: checkpoint + metrics.json + ranks.png
+    python train.py --dataset second_hop --freeze early --freeze-when pre
+    python train.py --dataset daxwug --order facts_first     # continued pretraining, then finetuning on test facts
+
+Adam (0.9, 0.999, eps 1e-8, no weight decay), batch 8, 8 epochs, 10% warmup then linear decay, cross-entropy on
+the answer tokens only. By default only the transformer blocks train (attention and MLP projections and their
+norms); token embeddings, the final norm and the output head stay frozen, as in the paper's OLMo runs, so a new
+fact has to live in the components the scores measure. Master weights are fp32; `--dtype bfloat16` runs the
+matmuls in bf16 (autocast) with the output head, the loss and the ranks in fp32.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+import data
+from model import DEFAULT_NAME, from_pretrained, load_tokenizer, safetensors_files, save_checkpoint
+
+EARLY_FRACTION = 0.75      # Table 2: "early" = the first 75% of the layers, rounded half up (30 -> 23, 32 -> 24)
+
+
+# --- what trains ----------------------------------------------------------------------------------
+
+def split_layers(n_layers, which):
+    """Indices of the early (first round(0.75 L)) or late (the rest) layers."""
+    n_early = math.floor(EARLY_FRACTION * n_layers + 0.5)
+    return list(range(n_early)) if which == "early" else list(range(n_early, n_layers))
+
+
+def default_lr(n_params):
+    """The paper's 3e-6 for 7B checkpoints; small models need a larger rate (REFERENCE.md)."""
+    if n_params >= 3e9:
+        return 3e-6
+    if n_params >= 1e9:
+        return 3e-5
+    return 3e-4
+
+
+def trainable_names(model, train_all=False, frozen_layers=()):
+    """Parameter names that train: the blocks (minus frozen layers), plus embeddings, final norm and head
+    with `train_all`."""
+    skip = tuple(f"model.layers.{i}." for i in frozen_layers)
+    names = []
+    for name, _ in model.named_parameters():
+        in_block = name.startswith("model.layers.")
+        if (in_block or train_all) and not name.startswith(skip):
+            names.append(name)
+    return names
+
+
+def reset_layers(model, layers):
+    """Copy the base checkpoint's weights of `layers` back into `model` (the "post" freeze of Table 2),
+    read tensor by tensor from its safetensors so that no second model is held in memory."""
+    prefixes = tuple(f"model.layers.{i}." for i in layers)
+    params = dict(model.named_parameters())
+    done = set()
+    with torch.no_grad():
+        for f in safetensors_files(Path(model.source)):
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    if key.startswith(prefixes):
+                        params[key].copy_(sf.get_tensor(key))
+                        done.add(key)
+    missing = {n for n in params if n.startswith(prefixes)} - done
+    if missing:
+        raise ValueError(f"{model.source}: base weights not found for {sorted(missing)[:3]}")
+
+
+# --- the loss, the schedule, the evaluation ------------------------------------------------------------
+
+def answer_loss(model, ids, mask, labels):
+    """Mean cross-entropy over the answer tokens of a right-padded batch; the output head runs only at the
+    positions that predict an answer token. ids, mask, labels (B, T)."""
+    h = model.hidden(ids, mask)                                   # (B, T, D)
+    target = labels[:, 1:]                                        # position t predicts token t + 1
+    at = target != -100                                           # (B, T-1)
+    with torch.autocast(ids.device.type, enabled=False):          # head and loss in fp32
+        logits = model.logits(h[:, :-1][at].float())              # (M, V), M = answer tokens in the batch
+        return F.cross_entropy(logits, target[at])
+
+
+def autocast(args):
+    """The one dtype policy: bf16 matmuls under autocast when asked; weights stay fp32."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+
+def lr_factor(step, total, warmup_frac=0.1, constant=False):
+    """Linear warmup over the first 10% of the steps, then linear decay towards 0 (paper Sec. 5.1)."""
+    if constant:
+        return 1.0
+    warm = max(1, round(warmup_frac * total))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / (total - warm + 1))          # peak at the last warmup step, then down
+
+
+def evaluate(model, tok, evals, args):
+    model.eval()
+    with autocast(args):
+        return {k: data.mean_rank(model, tok, ex, args.eval_batch_size) for k, ex in evals.items()}
+
+
+@torch.no_grad()
+def dataset_loss(model, batches, args):
+    with autocast(args):
+        losses = [answer_loss(model, *b).item() for b in batches]
+    return sum(losses) / len(losses)
+
+
+def train_phase(model, tok, examples, evals, params, args, phase, log):
+    """One phase: fresh Adam and schedule over `examples`, evaluating `evals` before and after every epoch.
+    Returns the records {"phase", "epoch", "loss", "fact_mean_rank", "impl_mean_rank"}."""
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in data.encode_examples(tok, examples))   # (N, T) each
+    N, B = len(examples), args.batch_size
+    steps_per_epoch = math.ceil(N / B)
+    total = args.epochs * steps_per_epoch
+    # fused Adam: one kernel over all parameters (CPU and CUDA); foreach where fused is unavailable
+    try:
+        opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, constant=args.constant_lr))
+    gen = torch.Generator().manual_seed(args.seed)               # reshuffled every epoch, reproducibly
+
+    def batch(rows):
+        T = int(mask[rows].sum(1).max())                          # trim padding to the batch's longest
+        return ids[rows, :T], mask[rows, :T], labels[rows, :T]
+
+    def record(epoch, loss, t0):
+        ranks = evaluate(model, tok, evals, args)
+        r = {"phase": phase, "epoch": epoch, "loss": loss,
+             "fact_mean_rank": ranks["facts"], "impl_mean_rank": ranks["implications"]}
+        log(f"{phase:>15} epoch {epoch:2d}/{args.epochs}  loss {loss:7.4f}  fact rank {r['fact_mean_rank']:5.2f}"
+            f"  impl rank {r['impl_mean_rank']:5.2f}  ({time.time() - t0:5.1f} s)")
+        return r
+
+    t0 = time.time()
+    # epoch 0: the loss of the untrained model on the whole training set
+    records = [record(0, dataset_loss(model, [batch(torch.arange(i, min(i + B, N), device=device))
+                                              for i in range(0, N, B)], args), t0)]
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        perm = torch.randperm(N, generator=gen).to(device)
+        losses = []
+        for i in range(0, N, B):
+            with autocast(args):
+                loss = answer_loss(model, *batch(perm[i:i + B]))
+            opt.zero_grad(set_to_none=True)                       # new grads are taken over, not added
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        records.append(record(epoch, sum(losses) / len(losses), t0))   # loss: the mean over the epoch's batches
+    return records
+
+
+# --- output -----------------------------------------------------------------------------------------------
+
+def check_writable(out):
+    """Fail before training, not after, when --out cannot be written."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write --out {out}: {e.strerror or e}") from None
+    if out.exists() and not out.is_dir():
+        raise OSError(f"--out {out} exists and is not a directory")
+
+
+def plot(records, path, title):
+    """Fact and implication mean rank against epoch, one panel per phase (paper Fig. 2 / Fig. 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    phases = list(dict.fromkeys(r["phase"] for r in records))
+    fig, axes = plt.subplots(1, len(phases), figsize=(4 * len(phases), 3.2), squeeze=False, sharey=True)
+    for ax, ph in zip(axes[0], phases):
+        rs = [r for r in records if r["phase"] == ph]
+        ax.plot([r["epoch"] for r in rs], [r["fact_mean_rank"] for r in rs], "o-", label="facts")
+        ax.plot([r["epoch"] for r in rs], [r["impl_mean_rank"] for r in rs], "s-", label="implications")
+        ax.set(title=ph, xlabel="epoch")
+    axes[0][0].set(ylabel="mean rank (lower is better)")
+    axes[0][0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(model, out, metrics):
+    """Checkpoint + metrics.json + ranks.png in a temp directory beside --out, which then replaces it."""
+    out = Path(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage.", dir=out.parent)) / "run"
+    try:
+        save_checkpoint(model, stage, extra_files={"metrics.json": json.dumps(metrics, indent=1)})
+        plot(metrics["records"], stage / "ranks.png", f"{metrics['args']['dataset']}  {metrics['base_model']}")
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage.parent, ignore_errors=True)
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+def make_phases(ds, args):
+    """The training phases, (name, training examples, evaluation splits {"facts", "implications"})."""
+    if "test_facts" not in ds:
+        if args.order:
+            raise ValueError(f"--order {args.order} applies to daxwug (train and test splits), not to {args.dataset}")
+        return [("finetune", ds["facts"], {"facts": ds["facts"], "implications": ds["implications"]})]
+    # daxwug (Sec. 6.1): continued pretraining on the train split in the given order, then the test facts
+    args.order = args.order or "joint"
+    train_ev = {"facts": ds["train_facts"], "implications": ds["train_impls"]}
+    pre = {"facts_first": [("pretrain_facts", ds["train_facts"]), ("pretrain_impls", ds["train_impls"])],
+           "impl_first": [("pretrain_impls", ds["train_impls"]), ("pretrain_facts", ds["train_facts"])],
+           "joint": [("pretrain_joint", ds["train_facts"] + ds["train_impls"])]}[args.order]
+    return [(n, ex, train_ev) for n, ex in pre] + \
+        [("finetune", ds["test_facts"], {"facts": ds["test_facts"], "implications": ds["test_impls"]})]
+
+
+def run(args, log=print):
+    """Everything main() does after parsing: returns (model, metrics)."""
+    t_start = time.time()
+    phases = make_phases(data.load_dataset(args.dataset, seed=args.seed), args)    # bad input fails here, early
+    torch.manual_seed(args.seed)
+    model = from_pretrained(args.model, dtype=torch.float32, device=args.device)   # fp32 master weights
+    tok = load_tokenizer(model.source)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.lr is None:
+        args.lr = default_lr(n_params)
+    frozen = split_layers(model.config.n_layers, args.freeze) if args.freeze else []
+    names = set(trainable_names(model, args.train_all, frozen if args.freeze_when == "pre" else ()))
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        if name in names:
+            params.append(p)
+    log(f"{args.model}: {n_params / 1e6:.0f}M parameters, {sum(p.numel() for p in params) / 1e6:.0f}M train; "
+        f"lr {args.lr:g}; frozen layers {frozen or 'none'} ({args.freeze_when if frozen else '-'})")
+
+    records = []
+    for name, examples, evals in phases:
+        records += train_phase(model, tok, examples, evals, params, args, name, log)
+    if frozen and args.freeze_when == "post":
+        reset_layers(model, frozen)                               # Table 2 "post": back to W on frozen layers
+        ranks = evaluate(model, tok, phases[-1][2], args)
+        records.append({"phase": "post_freeze", "epoch": args.epochs, "loss": None,
+                        "fact_mean_rank": ranks["facts"], "impl_mean_rank": ranks["implications"]})
+        log(f"{'post_freeze':>15} reset layers {frozen[0]}..{frozen[-1]} to the base: "
+            f"fact rank {ranks['facts']:5.2f}  impl rank {ranks['implications']:5.2f}")
+    metrics = {"args": vars(args), "base_model": str(model.source), "n_params": n_params,
+               "n_trainable": sum(p.numel() for p in params), "frozen_layers": frozen,
+               "torch_threads": torch.get_num_threads(), "wall_time_s": None, "records": records}
+    metrics["wall_time_s"] = time.time() - t_start
+    return model, metrics
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_NAME, help="checkpoint directory, hub id, or the embedded default")
+    p.add_argument("--dataset", default="first_hop",
+                   help="first_hop, second_hop, daxwug, or a .json file {facts: [...], implications: [...]}")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate; default by size: 3e-4 below 1B parameters, 3e-5 below 3B, 3e-6 above")
+    p.add_argument("--constant-lr", action="store_true", help="constant rate instead of warmup + linear decay")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per phase")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="batch size of the rank evaluation")
+    p.add_argument("--seed", type=int, default=0, help="fixes the dataset's pairings and the shuffling")
+    p.add_argument("--out", default=None, help="output checkpoint directory (default runs/<dataset>)")
+    p.add_argument("--freeze", choices=["early", "late"], default=None,
+                   help="layers kept at the base weights: early = first round(0.75 L), late = the rest")
+    p.add_argument("--freeze-when", choices=["pre", "post"], default="post",
+                   help="pre: never train the frozen layers; post: train all, then reset them to the base")
+    p.add_argument("--order", choices=["facts_first", "impl_first", "joint"], default=None,
+                   help="daxwug only: order of the continued pretraining on train facts and implications "
+                        "(default joint: shuffled together)")
+    p.add_argument("--train-all", action="store_true",
+                   help="also train token embeddings, final norm and output head (default: blocks only)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="matmul precision; weights, Adam state, head, loss and ranks stay fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPU threads for torch (default: every core this process may use; 1 on a busy machine)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path("runs") / data.dataset_name(args.dataset))
+    torch.set_num_threads(args.threads)
+    try:
+        check_writable(args.out)
+        model, metrics = run(args)
+        write_outputs(model, args.out, metrics)
+    except (ValueError, OSError) as e:                           # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out} ({metrics['wall_time_s']:.1f} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
