@@ -1,0 +1,344 @@
+"""Weight grafting (paper Sec. 6.2): OUT = A + (B - C), and the Table 3 / Fig. 6 experiment built on it.
+
+    python graft.py OUT --base A --add B --sub C          # a checkpoint directory that loads like any other
+    python graft.py --experiment [--model M] [--seed S] [--out runs/graft]
+
+The experiment, on the daxwug data of Sec. 6.1 (80 train names: facts F, implications Impl F; the same names
+re-assigned to other cities: F', Impl F'; 20 test names):
+    W_F          the base W trained on F
+    W_F,ImplF    W_F then trained on Impl F (a fresh Adam)
+    W_F'         W trained on F'
+    W_ImplF      W trained on Impl F alone
+    W_graft      W_F' + (W_F,ImplF - W_F)     should carry the extractive components, not the facts F
+    W~_graft     W_F' + (W_ImplF - W)         control: should carry the implications Impl F themselves
+Table 3: mean ranks on Impl F', Impl F and F'. Fig. 6: per component, downstream against informative scores.
+Every stage is a directory under --out that is reused when the experiment runs again.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+import scores
+from model import DEFAULT_NAME, from_pretrained, load_config, load_tokenizer, resolve, safetensors_files
+
+ROOT = Path(__file__).resolve().parent
+# files besides the weights that a checkpoint directory carries; taken from the base A
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json")
+PAPER_TABLE3 = {"W_F'": (9.13, 8.55, 0.00), "W_graft": (1.13, 3.30, 0.10), "W~_graft": (8.38, 0.43, 0.32)}
+TABLE3_COLS = ("Impl F'", "Impl F", "F'")
+
+
+# --- weight arithmetic ------------------------------------------------------------------------------------
+
+def check_compatible(paths):
+    """The checkpoints share one architecture (equal Config dataclasses), one tokenizer (equal vocabularies)
+    and one set of weight names and shapes; otherwise a ValueError that names the difference."""
+    cfgs = [load_config(p) for p in paths]
+    for p, c in zip(paths[1:], cfgs[1:]):
+        if c != cfgs[0]:
+            diff = [f for f in c.__dataclass_fields__ if getattr(c, f) != getattr(cfgs[0], f)]
+            raise ValueError(f"{p} and {paths[0]} have different architectures ({', '.join(diff)}): "
+                             "graft only checkpoints finetuned from one base model")
+    vocabs = [load_tokenizer(p).get_vocab() for p in paths]
+    for p, v in zip(paths[1:], vocabs[1:]):
+        if v != vocabs[0]:
+            raise ValueError(f"{p} and {paths[0]} have different tokenizers (tokenizer.json vocabularies differ): "
+                             "graft only checkpoints finetuned from one base model")
+
+
+def _open_all(stack, path):
+    """{weight name: open safetensors handle} over all shards of a checkpoint."""
+    where = {}
+    for f in safetensors_files(path):
+        h = stack.enter_context(safe_open(f, framework="pt", device="cpu"))
+        where.update({k: h for k in h.keys()})
+    return where
+
+
+def graft(base, add, sub, out, log=print):
+    """Write the checkpoint `base + (add - sub)` to `out`, tensor by tensor in fp32, atomically.
+    Each result is a new tensor (no in-place update of live weights); output shards mirror the base's."""
+    paths = [resolve(x) for x in (base, add, sub)]
+    check_compatible(paths)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with ExitStack() as stack:
+            where = [_open_all(stack, p) for p in paths]
+            names = [set(w) for w in where]
+            for p, n in zip(paths[1:], names[1:]):
+                if n != names[0]:
+                    odd = sorted(n ^ names[0])[:3]
+                    raise ValueError(f"{p} and {paths[0]} hold different weights (e.g. {odd}): graft only "
+                                     "checkpoints finetuned from one base model")
+            total = 0
+            for shard in safetensors_files(paths[0]):
+                with safe_open(shard, framework="pt", device="cpu") as sf:
+                    keys = list(sf.keys())
+                state = {}
+                for k in keys:
+                    a, b, c = (w[k].get_tensor(k) for w in where)
+                    if not (a.shape == b.shape == c.shape):
+                        raise ValueError(f"{k}: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)} differ")
+                    # fp32 whatever the stored dtype: a bf16 update of 1e-6 would round away
+                    state[k] = a.float() + (b.float() - c.float()) if a.is_floating_point() else a
+                    total += state[k].numel() * state[k].element_size()
+                save_file(state, str(tmp / shard.name), metadata={"format": "pt"})
+        index = paths[0] / "model.safetensors.index.json"
+        if index.exists():                                        # same shard layout, new (fp32) size
+            idx = json.loads(index.read_text())
+            idx["metadata"] = {**idx.get("metadata", {}), "total_size": total}
+            (tmp / index.name).write_text(json.dumps(idx, indent=1))
+        for name in SIDE_FILES:
+            if (paths[0] / name).exists():
+                shutil.copy(paths[0] / name, tmp / name)
+        (tmp / "graft.json").write_text(json.dumps({"formula": "base + (add - sub), tensor by tensor in fp32",
+                                                    "base": str(base), "add": str(add), "sub": str(sub)}, indent=1))
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} = {base} + ({add} - {sub})")
+    return out
+
+
+# --- statistics: Pearson r and its p-value, without scipy --------------------------------------------------
+
+def betainc(a, b, x):
+    """Regularized incomplete beta I_x(a, b) by its continued fraction (modified Lentz; Numerical Recipes 6.4)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):                                 # the fraction converges fast on this side
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return front * (f - 1.0)
+
+
+def pearson_p(r, n):
+    """Two-sided p-value of Pearson r over n pairs under H0 rho = 0: t = r sqrt((n-2)/(1-r^2)) has a Student t
+    distribution with n-2 degrees of freedom, and P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)."""
+    df = n - 2
+    if df < 1:
+        return float("nan")
+    if abs(r) >= 1.0:
+        return 0.0
+    t2 = r * r * df / (1.0 - r * r)
+    return betainc(df / 2.0, 0.5, df / (df + t2))
+
+
+# --- the experiment: training stages ------------------------------------------------------------------------
+
+def train_stage(model, train, other, out, seed, log=print):
+    """train.py's recipe on the example list `train`, starting from `model`; its records' "fact" rank is `train`,
+    its "impl" rank `other`. train.py exposes no function that trains on example lists, so this writes a JSON
+    dataset beside `out` and runs its command line."""
+    out = Path(out)
+    if (out / "metrics.json").exists():
+        log(f"[graft] reuse {out}")
+        return json.loads((out / "metrics.json").read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds = out.with_name(out.name + ".dataset.json")
+    ds.write_text(json.dumps({"facts": [{"prompt": e.prompt, "answer": e.answer} for e in train],
+                              "implications": [{"prompt": e.prompt, "answer": e.answer} for e in other]}, indent=1))
+    log(f"[graft] train {out.name} from {model} on {len(train)} examples")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(model), "--dataset", str(ds), "--out", str(out),
+           "--seed", str(seed)]
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise RuntimeError(f"train.py failed for {out.name} (exit {r.returncode}): {' '.join(cmd)}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def swap(records):
+    """Records of a stage that trained on implications: its "facts" were Impl F, its "implications" F."""
+    return [{**r, "fact_mean_rank": r["impl_mean_rank"], "impl_mean_rank": r["fact_mean_rank"]} for r in records]
+
+
+def per_component(model_a, model_b, tok, examples, kind):
+    """Linearized `kind` scores (scores.py, eqs. 4-9) per component, summed over positions and averaged over
+    prompts: MLPs (L,), heads (L, H)."""
+    b = scores.make_prompts(tok, examples)
+    lin = scores.linearized(model_a, model_b, b)
+    real = b.mask.float()                                         # (N, T): padding contributes nothing
+    mlp = (lin[f"{kind}.mlp"] * real[..., None]).sum(1).mean(0)                 # (L,)
+    heads = (lin[f"{kind}.attn"] * real[..., None, None]).sum(1).mean(0)        # (L, H)
+    return mlp, heads
+
+
+def scatter(fig6, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, comp in zip(axes, ("mlp", "heads")):
+        f = fig6[comp]
+        ax.scatter(f["downstream"], f["informative"], s=10 if comp == "heads" else 25, alpha=0.7)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set(xlabel="downstream score (OCR finetune of W_F,ImplF on test facts)",
+               ylabel="informative score (W_F' -> W_graft, Impl F')",
+               title=f"{'MLPs' if comp == 'mlp' else 'attention heads'}: r = {f['r']:.3f}, p = {f['p']:.2g}, n = {f['n']}")
+        ax.title.set_fontsize(9)
+        ax.xaxis.label.set_fontsize(8)
+        ax.yaxis.label.set_fontsize(8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown_table3(ranks):
+    lines = ["| weights | " + " | ".join(f"{c} (ours)" for c in TABLE3_COLS) + " | "
+             + " | ".join(f"{c} (paper)" for c in TABLE3_COLS) + " |", "|---" * 7 + "|"]
+    for w, paper in PAPER_TABLE3.items():
+        lines.append(f"| {w} | " + " | ".join(f"{ranks[w][c]:.2f}" for c in TABLE3_COLS) + " | "
+                     + " | ".join(f"{v:.2f}" for v in paper) + " |")
+    return "\n".join(lines)
+
+
+def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", log=print):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    d = data.load_dataset("daxwug", seed=seed)
+    F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
+    base = resolve(model)
+    times = {}
+
+    def timed(name, fn):
+        t = time.time()
+        r = fn()
+        times[name] = round(time.time() - t, 1)
+        return r
+
+    # the four trainings (Sec. 6.2), then the OCR finetune of W_F,ImplF on the test facts (for Fig. 6)
+    m_f = timed("W_F", lambda: train_stage(base, F, IF, out / "W_F", seed, log))
+    m_fi = timed("W_F_ImplF", lambda: train_stage(out / "W_F", IF, F, out / "W_F_ImplF", seed, log))
+    timed("W_Fp", lambda: train_stage(base, Fp, IFp, out / "W_Fp", seed, log))
+    timed("W_ImplF", lambda: train_stage(base, IF, F, out / "W_ImplF", seed, log))
+    m_ft = timed("W_F_ImplF_test", lambda: train_stage(out / "W_F_ImplF", d["test_facts"], d["test_impls"],
+                                                        out / "W_F_ImplF_test", seed, log))
+    for name, args in (("W_graft", (out / "W_Fp", out / "W_F_ImplF", out / "W_F")),
+                       ("W_graft_control", (out / "W_Fp", out / "W_ImplF", base))):
+        if (out / name / "graft.json").exists():
+            log(f"[graft] reuse {out / name}")
+        else:
+            timed(name, lambda: graft(*args, out / name, log))
+
+    # Table 3: mean ranks of W_F', W_graft, W~_graft (and the base for reference)
+    t = time.time()
+    tok = load_tokenizer(base)
+    ranks = {}
+    for label, ckpt in (("W (base)", base), ("W_F'", out / "W_Fp"), ("W_graft", out / "W_graft"),
+                        ("W~_graft", out / "W_graft_control")):
+        m = from_pretrained(ckpt)
+        ranks[label] = {c: data.mean_rank(m, tok, ex) for c, ex in zip(TABLE3_COLS, (IFp, IF, Fp))}
+        log(f"[graft] {label:9s} " + "  ".join(f"{c} {v:5.2f}" for c, v in ranks[label].items()))
+        del m
+    times["table3_eval"] = round(time.time() - t, 1)
+
+    # Fig. 6, our reading of Sec. 6.2: "downstream components active in helping W_F,ImplF perform OCR when
+    # finetuned on test facts" = downstream scores (eq. 5) of the update W = W_F,ImplF -> W' = W_F,ImplF finetuned
+    # on the 20 test facts, on the test implications; "the informative score of the grafting update" =
+    # informative scores (eq. 4) of W = W_F' -> W' = W_graft, on the counterfactual implications Impl F'. Both
+    # per component (each MLP, each head), summed over positions, averaged over prompts; Pearson r across
+    # components, separately for MLPs and heads, with the two-sided p-value of the t test.
+    t = time.time()
+    ma = from_pretrained(out / "W_F_ImplF").requires_grad_(False)
+    mb = from_pretrained(out / "W_F_ImplF_test").requires_grad_(False)
+    down = per_component(ma, mb, tok, d["test_impls"], "downstream")
+    del ma, mb
+    ma = from_pretrained(out / "W_Fp").requires_grad_(False)
+    mb = from_pretrained(out / "W_graft").requires_grad_(False)
+    inf = per_component(ma, mb, tok, IFp, "informative")
+    del ma, mb
+    fig6 = {}
+    for comp, dn, inf_ in (("mlp", down[0], inf[0]), ("heads", down[1], inf[1])):
+        r = scores.pearson(dn, inf_)
+        fig6[comp] = {"r": r, "p": pearson_p(r, dn.numel()), "n": dn.numel(),
+                      "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
+        log(f"[graft] Fig. 6 {comp}: r = {r:.3f}, p = {fig6[comp]['p']:.3g} over {dn.numel()} components")
+    scatter(fig6, out / "fig6.png")
+    times["fig6_scores"] = round(time.time() - t, 1)
+
+    # Fig. 4's facts-first ordering is this chain (W_F, W_F,ImplF, then the test facts): the same phases, seeds
+    # and fresh optimizers as `train.py --order facts_first`, so report.py reuses it instead of training it again
+    facts_first = [{**r, "phase": "pretrain_facts"} for r in m_f["records"]] + \
+        [{**r, "phase": "pretrain_impls"} for r in swap(m_fi["records"])] + \
+        [{**r, "phase": "finetune"} for r in m_ft["records"]]
+    table = markdown_table3(ranks)
+    results = {"settings": {"model": str(model), "base_dir": str(base), "seed": seed, "dataset": "daxwug",
+                            "pearson_p": "two-sided, Student t with n-2 df (regularized incomplete beta)"},
+               "table3": ranks, "paper_table3": {k: dict(zip(TABLE3_COLS, v)) for k, v in PAPER_TABLE3.items()},
+               "fig6": fig6, "fig4_facts_first": facts_first, "stage_times_s": times,
+               "wall_time_s": round(time.time() - t0, 1)}
+    (out / "table3.md").write_text(table + "\n")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "results.json")
+    log(table)
+    log(f"[graft] wrote {out}/results.json, table3.md, fig6.png ({results['wall_time_s']:.0f} s)")
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", nargs="?", help="output checkpoint directory of base + (add - sub)")
+    p.add_argument("--base", help="checkpoint A (its config.json and tokenizer.json are copied)")
+    p.add_argument("--add", help="checkpoint B, added")
+    p.add_argument("--sub", help="checkpoint C, subtracted")
+    p.add_argument("--experiment", action="store_true", help="run the Table 3 / Fig. 6 experiment on daxwug")
+    p.add_argument("--model", default=DEFAULT_NAME, help="--experiment: the base model")
+    p.add_argument("--seed", type=int, default=0, help="--experiment: dataset pairing and shuffling seed")
+    p.add_argument("--out", dest="exp_out", default="runs/graft", help="--experiment: output directory")
+    args = p.parse_args(argv)
+    try:
+        if args.experiment:
+            if args.out or args.base or args.add or args.sub:
+                raise ValueError("--experiment takes --model, --seed and --out, not OUT/--base/--add/--sub")
+            return experiment(args.model, args.seed, args.exp_out)
+        if not (args.out and args.base and args.add and args.sub):
+            raise ValueError("give OUT --base A --add B --sub C (or --experiment)")
+        return graft(args.base, args.add, args.sub, args.out)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""report.py: REPORT.md from small stub stage outputs (every section, table, figure link and verdict line), the
+verdict criteria on known numbers, and a failed stage that neither stops the rest nor loses finished ones."""
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import report as R
+
+PNG = bytes.fromhex("89504e470d0a1a0a")                           # a PNG signature is enough to copy
+
+
+def records(phases, fact, impl, epochs=2):
+    """Records falling linearly from chance to (fact, impl) in every phase."""
+    out = []
+    for ph in phases:
+        for e in range(epochs + 1):
+            a = e / epochs
+            out.append({"phase": ph, "epoch": e, "loss": 1.0 - a / 2,
+                        "fact_mean_rank": 9.5 + a * (fact - 9.5), "impl_mean_rank": 9.5 + a * (impl - 9.5)})
+    return out
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def stub_seed(w, first_impl=1.0, graft_ok=True):
+    """Stage outputs of one seed, as the stages write them, with numbers that reproduce every claim."""
+    args = {"lr": 3e-4, "epochs": 2, "batch_size": 8, "constant_lr": False, "dtype": "float32", "train_all": False,
+            "threads": 2}
+    for hop, impl in (("first_hop", first_impl), ("second_hop", 2.0)):
+        write(w / hop / "metrics.json", {"args": args, "n_params": 1000, "n_trainable": 800, "base_model": "/base",
+                                         "records": records(["finetune"], 0.0, impl)})
+        L, Ta = 6, 5
+        inf = torch.zeros(Ta, L)
+        if hop == "first_hop":
+            inf[1, 1] = 1.0                                        # early layer, name token
+        else:
+            inf[-1, 5] = 1.0                                       # late layer, last token
+        sc = w / f"scores_{hop}"
+        sc.mkdir(parents=True)
+        save_file({"informative.mlp": inf, "informative.attn": torch.zeros(Ta, L, 2)}, str(sc / "scores.safetensors"))
+        (sc / "scores.png").write_bytes(PNG)
+        early_impl, late_impl = (8.0, impl) if hop == "first_hop" else (impl, 7.0)
+        write(w / f"freeze_post_{hop}.json", {
+            "early": {"layers": [0, 1, 2, 3], "fact_mean_rank": 3.0, "impl_mean_rank": early_impl},
+            "late": {"layers": [4, 5], "fact_mean_rank": 0.5, "impl_mean_rank": late_impl}})
+        for which in ("early", "late"):
+            bad = (which == "early") == (hop == "first_hop")          # pre-freezing that hop's site: no OCR
+            write(w / f"{hop}_{which}_pre" / "metrics.json",
+                  {"args": args, "records": records(["finetune"], 0.0, impl + 4 if bad else impl)})
+    t3 = {"W (base)": {"Impl F'": 9.5, "Impl F": 9.5, "F'": 9.5},
+          "W_F'": {"Impl F'": 9.0, "Impl F": 8.5, "F'": 0.0},
+          "W_graft": {"Impl F'": 1.0 if graft_ok else 9.0, "Impl F": 3.0, "F'": 0.1},
+          "W~_graft": {"Impl F'": 8.4, "Impl F": 0.4, "F'": 0.3}}
+    f6 = {c: {"r": 0.3, "p": 0.01, "n": n, "downstream": [0.0] * n, "informative": [0.0] * n}
+          for c, n in (("mlp", 6), ("heads", 12))}
+    write(w / "graft" / "results.json", {"table3": t3, "fig6": f6,
+                                         "fig4_facts_first": records(["pretrain_facts", "pretrain_impls", "finetune"],
+                                                                     0.0, 1.0)})
+    (w / "graft" / "fig6.png").write_bytes(PNG)
+    write(w / "daxwug_impl_first" / "metrics.json",
+          {"records": records(["pretrain_impls", "pretrain_facts"], 0.0, 0.5) + records(["finetune"], 0.0, 8.0)})
+    write(w / "daxwug_joint" / "metrics.json",
+          {"args": args, "records": records(["pretrain_joint"], 0.0, 0.0) + records(["finetune"], 0.0, 2.0)})
+    write(w / "stage_times.json", {"first_hop": {"status": "ok", "seconds": 12.5, "load_at_start": 1.0}})
+
+
+def verdict_lines(text):
+    lines = text.split("## Verdicts")[1].split("## Settings")[0].strip().splitlines()[2:]
+    return [ln for ln in lines if ln.startswith("|")]
+
+
+def test_report_has_every_section_table_figure_and_verdict(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    for seed in (0, 1):
+        stub_seed(work / f"seed{seed}", first_impl=1.0 + seed)
+    R.write_report("stub-model", [0, 1], work, out)
+    text = (out / "REPORT.md").read_text()
+    for heading in ("## Verdicts", "## Settings", "## Fig. 2", "## Fig. 3", "## Table 2", "## Fig. 4", "## Table 3",
+                    "## Fig. 6", "## Stage times"):
+        assert heading in text, heading
+    for row in R.PAPER_TABLE2:                                     # Table 2: every row, ours and the paper's
+        assert f"| {row} |" in text, row
+    assert "| Early | 3.00 ± 0.00 | 5.10 |" in text                # two seeds: mean ± sd beside the paper's number
+    for w in R.PAPER_TABLE3:
+        assert f"| {w} |" in text, w
+    assert "| W_graft | 1.00 ± 0.00 | 1.13 |" in text
+    for f in ("fig2.png", "fig3_first_hop.png", "fig3_second_hop.png", "fig4.png", "fig6.png"):
+        assert f"]({f})" in text and (out / f).exists(), f
+    lines = verdict_lines(text)
+    assert len(lines) == 8                                         # Fig. 2 x2, Fig. 3, Table 2 x2, Fig. 4, Table 3, Fig. 6
+    assert all("**reproduced**" in ln for ln in lines), "\n".join(l for l in lines if "**reproduced**" not in l)
+    res = json.loads((out / "results.json").read_text())
+    assert res["table2"]["None"]["first_hop"]["impl"] == [1.0, 2.0]
+
+
+def test_verdicts_follow_their_criteria(tmp_path):
+    w = tmp_path / "seed0"
+    stub_seed(w, first_impl=9.2, graft_ok=False)                   # no first-hop OCR, no transfer of Impl F'
+    res = R.collect("stub", [0], tmp_path)
+    v = {claim.split(":")[0]: verdict for claim, verdict, _, _ in R.verdicts(res)}
+    assert v["Fig. 2 first-hop OCR"] == "not"                       # 9.5 -> 9.2 is a fall of less than 0.5
+    assert v["Fig. 2 second-hop OCR"] == "reproduced"
+    assert v["Table 3"] == "not"                                    # criterion (i) fails
+
+
+def test_missing_stage_still_renders(tmp_path):
+    w = tmp_path / "work" / "seed0"
+    stub_seed(w)
+    import shutil
+    shutil.rmtree(w / "graft")
+    write(w / "stage_times.json", {"graft": {"status": "failed", "seconds": 3.0, "error": "exit 1: error: boom"}})
+    text = R.render(R.collect("stub", [0], tmp_path / "work"), {})   # the pure renderer, no figure files
+    assert "not available" in text and "## Failed stages" in text and "error: boom" in text
+    # Fig. 4 (its facts-first ordering comes from the graft stage), Table 3 and Fig. 6
+    assert sum("**missing**" in ln for ln in verdict_lines(text)) == 3
+
+
+def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
+    done = tmp_path / "seed0" / "b.txt"
+    fake = [("a", tmp_path / "seed0" / "a.txt", [sys.executable, "-c", "import sys; sys.exit('error: boom')"]),
+            ("b", done, [sys.executable, "-c", f"open({str(done)!r}, 'w').write('x')"]),
+            ("c", tmp_path / "seed0" / "c.txt", lambda: (_ for _ in ()).throw(RuntimeError("kaput")))]
+    monkeypatch.setattr(R, "stages", lambda model, seed, w: fake)
+    R.run_stages("m", [0], tmp_path)
+    times = json.loads((tmp_path / "seed0" / "stage_times.json").read_text())
+    assert times["a"]["status"] == "failed" and "boom" in times["a"]["error"]
+    assert times["b"]["status"] == "ok" and done.exists()
+    assert times["c"]["status"] == "failed" and "kaput" in times["c"]["error"]
+    done.write_text("kept")                                        # a rerun reuses b and keeps its time
+    R.run_stages("m", [0], tmp_path)
+    again = json.loads((tmp_path / "seed0" / "stage_times.json").read_text())
+    assert done.read_text() == "kept" and again["b"] == times["b"]
