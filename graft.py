@@ -17,22 +17,19 @@ Every stage is a directory under --out that is reused when the experiment runs a
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import data
 import scores
-from model import DEFAULT_NAME, from_pretrained, load_config, load_tokenizer, resolve, safetensors_files
+from model import DEFAULT_NAME, atomic_dir, from_pretrained, load_config, load_tokenizer, resolve, safetensors_files
 
 ROOT = Path(__file__).resolve().parent
 # files besides the weights that a checkpoint directory carries; taken from the base A
@@ -74,10 +71,7 @@ def graft(base, add, sub, out, log=print):
     Each result is a new tensor (no in-place update of live weights); output shards mirror the base's."""
     paths = [resolve(x) for x in (base, add, sub)]
     check_compatible(paths)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         with ExitStack() as stack:
             where = [_open_all(stack, p) for p in paths]
             names = [set(w) for w in where]
@@ -109,14 +103,6 @@ def graft(base, add, sub, out, log=print):
                 shutil.copy(paths[0] / name, tmp / name)
         (tmp / "graft.json").write_text(json.dumps({"formula": "base + (add - sub), tensor by tensor in fp32",
                                                     "base": str(base), "add": str(add), "sub": str(sub)}, indent=1))
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} = {base} + ({add} - {sub})")
     return out
 

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -429,22 +430,16 @@ def load_tokenizer(name_or_path, revision=None):
     return Tokenizer.from_file(str(f))
 
 
-def save_checkpoint(model: Transformer, out_dir, extra_files=None):
-    """config.json, tokenizer files and model.safetensors (in the model's dtype), atomically:
-    everything goes into a temp directory beside `out_dir`, which then replaces it."""
+@contextmanager
+def atomic_dir(out_dir):
+    """Yields a temp directory beside `out_dir` to fill; when the block ends without error it replaces
+    `out_dir` whole, otherwise it is removed: a crash never leaves a half-written directory."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)                                              # mkdtemp makes it private
     try:
-        src = Path(model.source)
-        for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "generation_config.json"]:
-            if (src / name).exists():
-                shutil.copy(src / name, tmp / name)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(content)
+        yield tmp
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             os.replace(out, old)
@@ -453,4 +448,22 @@ def save_checkpoint(model: Transformer, out_dir, extra_files=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_checkpoint(model: Transformer, directory):
+    """config.json and tokenizer files (copied from the model's source) and model.safetensors (in the
+    model's dtype) into an existing directory."""
+    src, directory = Path(model.source), Path(directory)
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"]:
+        if (src / name).exists():
+            shutil.copy(src / name, directory / name)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_checkpoint(model: Transformer, out_dir):
+    """A checkpoint directory that from_pretrained (and transformers) load, written atomically."""
+    with atomic_dir(out_dir) as tmp:
+        write_checkpoint(model, tmp)
+    return Path(out_dir)

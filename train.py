@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import data
-from model import DEFAULT_NAME, from_pretrained, load_tokenizer, safetensors_files, save_checkpoint
+from model import DEFAULT_NAME, atomic_dir, from_pretrained, load_tokenizer, safetensors_files, write_checkpoint
 
 EARLY_FRACTION = 0.75      # Table 2: "early" = the first 75% of the layers, rounded half up (30 -> 23, 32 -> 24)
 
@@ -202,19 +201,11 @@ def plot(records, path, title):
 
 
 def write_outputs(model, out, metrics):
-    """Checkpoint + metrics.json + ranks.png in a temp directory beside --out, which then replaces it."""
-    out = Path(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage.", dir=out.parent)) / "run"
-    try:
-        save_checkpoint(model, stage, extra_files={"metrics.json": json.dumps(metrics, indent=1)})
-        plot(metrics["records"], stage / "ranks.png", f"{metrics['args']['dataset']}  {metrics['base_model']}")
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage.parent, ignore_errors=True)
+    """Checkpoint + metrics.json + ranks.png, written atomically into --out."""
+    with atomic_dir(out) as tmp:
+        write_checkpoint(model, tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        plot(metrics["records"], tmp / "ranks.png", f"{metrics['args']['dataset']}  {metrics['base_model']}")
 
 
 # --- the run --------------------------------------------------------------------------------------------

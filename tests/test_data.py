@@ -1,6 +1,5 @@
 """Datasets, tokenization and the mean rank (data.py), on a tiny random model with its own small tokenizer."""
 import json
-from collections import Counter
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ verdict criteria on known numbers, and a failed stage that neither stops the res
 import json
 import sys
 
-import pytest
 import torch
 from safetensors.torch import save_file
 

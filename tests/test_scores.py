@@ -84,7 +84,6 @@ def central(f, a, b_plus, b_minus):
 
 def lin_table(a, b, p, rows):
     lin = S.linearized(a, b, p)
-    H = a.config.n_heads
     return {k: torch.cat([lin[f"{k}.attn"], lin[f"{k}.mlp"][..., None]], -1)[rows].sum(1).mean(0).double()
             for k in ("informative", "downstream", "upstream")}
 
