@@ -391,14 +391,13 @@ def main():
     args = ap.parse_args()
     try:
         t0 = time.time()
-        meta_file = Path(args.ckpt_b) / "metrics.json"
+        meta_file = resolve(args.ckpt_b) / "metrics.json"       # also: a clear error if ckpt_b is missing
         meta = json.loads(meta_file.read_text()).get("args", {}) if meta_file.exists() else {}
         dataset = args.dataset or meta.get("dataset")
         if dataset is None:
             raise ValueError(f"no --dataset given and {meta_file} does not name one")
         seed = args.seed if args.seed is not None else meta.get("seed", 0)
         out = Path(args.out or Path("runs") / Path(str(args.ckpt_b)).name / "scores")
-        out.mkdir(parents=True, exist_ok=True)
         print(f"loading {args.ckpt_a} (W) and {args.ckpt_b} (W')", flush=True)
         model_a = from_pretrained(args.ckpt_a, device=args.device).requires_grad_(False)
         model_b = from_pretrained(args.ckpt_b, device=args.device).requires_grad_(False)
@@ -419,6 +418,7 @@ def main():
                     "reward": "logit(answer first token) - mean over candidates' first tokens",
                     "gqa": "k/v informative terms split equally among the query heads sharing the kv head"}
         from safetensors.torch import save_file
+        out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in scores.items()} | {"anchor_ids": b.ids[b.anchor, :b.Ta].cpu()}
         save_file(tensors, str(out / "scores.safetensors.tmp"), metadata={"settings": json.dumps(settings)})
         (out / "scores.safetensors.tmp").replace(out / "scores.safetensors")
