@@ -158,9 +158,10 @@ def linearized(model_a, model_b, b, impl="auto"):
             def informative_map(g, x, proj, groups, split):        # eq. 4/7 for one linear map
                 s = grad_delta(flat(g), flat(x), delta(proj + ".weight"), groups, split, impl=impl)
                 db = delta(proj + ".bias")
-                if db is not None:                                 # a bias is a weight with input 1
-                    s = s + (flat(g).float() * db.float()).view(N * T, groups, -1).sum(-1) if split == "out" \
-                        else s + (flat(g).float() @ db.float())[:, None] / groups
+                if db is not None:                                 # a bias is a weight whose input is 1
+                    gb = flat(g).float() * db.float()              # (N*T, O)
+                    # q/k/v biases split by head like their rows; o_proj's bias belongs to no head: equal shares
+                    s = s + (gb.view(N * T, groups, -1).sum(-1) if split == "out" else gb.sum(-1, keepdim=True) / groups)
                 return s.view(N, T, groups)
 
             # informative, heads: q rows and o columns per head; k, v rows per kv head, split over its G heads

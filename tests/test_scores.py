@@ -34,12 +34,12 @@ PROMPTS = [S_ for S_ in ("The kin of Ab is", "The kin of Cde is", "The kin of Fg
 EXAMPLES = [data.Example(p, a) for p, a in zip(PROMPTS, ["x", "y", "z", "w"])]
 
 
-def tiny_pair(tmp_path, family="qwen2", eps=1e-2, layers=None, seed=0):
+def tiny_pair(tmp_path, family="qwen2", eps=1e-2, layers=None, seed=0, **extra):
     """W from a random tiny checkpoint; W' = W + eps * a random change of every weight (or of `layers`)."""
     torch.manual_seed(seed)
     cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[family]
     cfg = cls(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, initializer_range=0.3, tie_word_embeddings=False)
+              num_key_value_heads=2, initializer_range=0.3, tie_word_embeddings=False, **extra)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     a = M.from_pretrained(tmp_path, dtype=torch.float64).requires_grad_(False)
     b = M.from_pretrained(tmp_path, dtype=torch.float64).requires_grad_(False)
@@ -63,10 +63,11 @@ def test_alignment_is_by_template():
     assert (b.pos[0, n[0]:] == -1).all()
 
 
-def test_informative_sums_to_weight_gradient(tmp_path):
+@pytest.mark.parametrize("family, extra", [("qwen2", {}), ("llama", {"attention_bias": True})])
+def test_informative_sums_to_weight_gradient(tmp_path, family, extra):
     """sum over components and positions of eq. 4 = <dW, dR/dW> over all linear maps (q, k, v, o, gate, up,
-    down, and the q/k/v biases of Qwen 2)."""
-    a, b = tiny_pair(tmp_path)
+    down, and the biases: q/k/v for Qwen 2, q/k/v/o for Llama with attention_bias)."""
+    a, b = tiny_pair(tmp_path, family, **extra)
     p = prompts()
     lin = S.linearized(a, b, p)
     total = lin["informative.mlp"].sum() + lin["informative.attn"].sum()
