@@ -227,19 +227,24 @@ def candidates(tokenizer, examples):
     return answers, cands, torch.tensor([index[e.answer] for e in examples], dtype=torch.long)
 
 
+def logits_at_last(model, ids, mask, taps=None):
+    """(B, V) fp32 logits at each right-padded row's last real token; the output head runs only there.
+    Differentiable: the scores take gradients through it."""
+    h = model.hidden(ids, mask, taps)                                       # (B, T, D)
+    last = mask.sum(1) - 1                                                  # (B,) right padding
+    h_last = h[torch.arange(len(ids), device=ids.device), last]             # (B, D)
+    with torch.autocast(ids.device.type, enabled=False):                    # the head in full precision
+        return model.logits(h_last).float()                                 # (B, V)
+
+
 @torch.no_grad()
 def last_logits(model, tokenizer, examples, batch_size=32):
-    """(N, V) fp32 logits at each prompt's last token; the output head runs only at that position."""
+    """(N, V) fp32 logits at each prompt's last token, in batches."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(examples), batch_size):
         ids, mask = encode_prompts(tokenizer, [e.prompt for e in examples[i:i + batch_size]])
-        ids, mask = ids.to(device), mask.to(device)
-        h = model.hidden(ids, mask)                                         # (B, T, D)
-        last = mask.sum(1) - 1                                              # (B,) right padding
-        h_last = h[torch.arange(len(ids), device=device), last]             # (B, D)
-        with torch.autocast(device.type, enabled=False):                    # the head in full precision
-            out.append(model.logits(h_last).float())                        # (B, V)
+        out.append(logits_at_last(model, ids.to(device), mask.to(device)))
     return torch.cat(out)
 
 

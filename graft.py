@@ -180,9 +180,8 @@ def per_component(model_a, model_b, tok, examples, kind):
     prompts: MLPs (L,), heads (L, H)."""
     b = scores.make_prompts(tok, examples)
     lin = scores.linearized(model_a, model_b, b)
-    real = b.mask.float()                                         # (N, T): padding contributes nothing
-    mlp = (lin[f"{kind}.mlp"] * real[..., None]).sum(1).mean(0)                 # (L,)
-    heads = (lin[f"{kind}.attn"] * real[..., None, None]).sum(1).mean(0)        # (L, H)
+    mlp = lin[f"{kind}.mlp"].sum(1).mean(0)                       # (L,): padded positions score exactly 0
+    heads = lin[f"{kind}.attn"].sum(1).mean(0)                    # (L, H)
     return mlp, heads
 
 

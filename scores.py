@@ -91,7 +91,6 @@ def to_anchor(s, pos, Ta):
 class Prompts:
     ids: torch.Tensor          # (N, T) right-padded token ids
     mask: torch.Tensor         # (N, T) 1 = real token
-    last: torch.Tensor         # (N,) index of the last prompt token: where R is read
     correct: torch.Tensor      # (N,) first token of each prompt's answer
     cands: torch.Tensor        # (C,) first tokens of all candidate answers
     pos: torch.Tensor          # (N, T) aligned (anchor) position of each token, -1 for padding
@@ -99,8 +98,8 @@ class Prompts:
     anchor: int                # index of the anchor prompt
 
     def subset(self, rows):
-        return Prompts(self.ids[rows], self.mask[rows], self.last[rows], self.correct[rows], self.cands,
-                       self.pos[rows], self.Ta, self.anchor)
+        return Prompts(self.ids[rows], self.mask[rows], self.correct[rows], self.cands, self.pos[rows],
+                       self.Ta, self.anchor)
 
 
 def make_prompts(tokenizer, examples, device="cpu"):
@@ -112,16 +111,14 @@ def make_prompts(tokenizer, examples, device="cpu"):
     lengths = mask.sum(1).tolist()
     anchor, pos = align(ids, lengths)
     to = lambda t: t.to(device)
-    return Prompts(to(ids), to(mask), to(mask.sum(1) - 1), to(correct), to(cands), pos, lengths[anchor], anchor)
+    return Prompts(to(ids), to(mask), to(correct), to(cands), pos, lengths[anchor], anchor)
 
 
 # --- the passes -------------------------------------------------------------------------------------
 
 def rewards(model, b, taps=None):
-    """R for every prompt (N,), computing the output head only at the last prompt positions."""
-    h = model.hidden(b.ids, b.mask, taps)                          # (N, T, D)
-    logits = model.logits(h[torch.arange(len(b.ids)), b.last])     # (N, V)
-    return data.reward(logits, b.correct, b.cands)
+    """R for every prompt (N,), read at the last prompt positions."""
+    return data.reward(data.logits_at_last(model, b.ids, b.mask, taps), b.correct, b.cands)
 
 
 def record(model, b):
@@ -242,7 +239,8 @@ def exact(model_a, model_b, b, rows, impl="auto"):
         h = first(get(ta, f"layers.{start}.resid_pre").repeat(reps, 1, 1))       # (reps * n, T, D)
         for blk in late.layers[start + 1:]:
             h = blk(h, rope, mask.repeat(reps, 1), None, impl)
-        logits = late.logits(late.model.norm(h)[torch.arange(reps * n), s.last.repeat(reps)])
+        last = (s.mask.sum(1) - 1).repeat(reps)                               # (reps * n,)
+        logits = late.logits(late.model.norm(h)[torch.arange(reps * n), last])
         return data.reward(logits, s.correct.repeat(reps), s.cands).view(reps, n).mean(1)
 
     def layer(blk, patch=None, params=None, mlp_blk=None):
