@@ -336,10 +336,14 @@ class Transformer(nn.Module):
             h = block(h, rope, mask, taps, self.attn_impl)
         return self.model.norm(h)
 
-    def logits(self, h):
-        """The output head in fp32, at whatever positions `h` holds: (..., D) -> (..., V)."""
-        w = self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
-        logits = upcast(F.linear(h, w))
+    def head_weight(self):
+        """(V, D): the output head, which is the token embedding in tied checkpoints."""
+        return self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def logits(self, h, weight=None):
+        """The output head at whatever positions `h` holds, (..., D) -> (..., V) fp32 logits. `weight`: a copy
+        of head_weight() in another dtype (train.py's bf16 head); by default the head itself."""
+        logits = upcast(F.linear(h, self.head_weight() if weight is None else weight))
         if self.config.final_softcap is not None:                 # Gemma 2: soft-capped logits
             c = self.config.final_softcap
             logits = c * torch.tanh(logits / c)
@@ -408,7 +412,10 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=No
                     if t.shape != expected[key].shape:
                         raise ValueError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
                                          f"config.json implies {tuple(expected[key].shape)}")
-                    state[key] = t.to(device=device, dtype=dtype)
+                    # copy=True: a tensor safetensors maps from the file would be faulted in page by page,
+                    # copy-on-write, at the first optimizer step (0.8 s for the default model's blocks);
+                    # an owned copy costs 0.2 s here, once
+                    state[key] = t.to(device=device, dtype=dtype, copy=True)
         except Exception as e:
             if isinstance(e, ValueError) and str(e).startswith(f.name):
                 raise

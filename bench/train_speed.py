@@ -7,8 +7,9 @@ from other processes on a shared machine falls on all of them alike.
 
     python bench/train_speed.py [--dataset first_hop] [--epochs 8] [--hf-fused-adam]
 
-Contenders: ours in fp32, ours with bf16 matmuls (fp32 master weights), transformers in fp32 with the Adam a
-plain `torch.optim.Adam(params, lr)` gives (`--hf-fused-adam`: the same fused Adam as ours).
+Contenders: ours in fp32, and ours with bf16 matmuls (fp32 master weights; a bf16 copy of the frozen output
+head), both with train.py's Adam inside backward (train.AdamInBackward); transformers in fp32 with the Adam a
+plain `torch.optim.Adam(params, lr)` gives, stepped after backward (`--hf-fused-adam`: the fused kernel too).
 Prints the throughput ratio, both final ranks and peak memories.
 """
 import argparse
@@ -52,8 +53,9 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, threads, conn):
     if kind == "transformers":
         opt = torch.optim.Adam(params, lr=lr, fused=True if hf_fused else None)
     else:
-        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)   # as train.py
+        opt = train.AdamInBackward(params, lr)                    # as train.py: fused Adam inside backward()
     bf16 = kind == "ours-bf16"
+    head = train.bf16_head(model, argparse.Namespace(dtype="bfloat16")) if bf16 else None   # as train.py
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     rss_loaded = rss_mib()
     conn.send(("ready", rss_loaded))
@@ -64,18 +66,20 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, threads, conn):
             rows = torch.tensor(rows)
             T = int(mask[rows].sum(1).max())
             b = ids[rows, :T], mask[rows, :T], labels[rows, :T]
-            for g in opt.param_groups:
-                g["lr"] = step_lr
             t0 = time.perf_counter()
             model.train()
             if kind == "transformers":
+                for g in opt.param_groups:
+                    g["lr"] = step_lr
                 loss = model(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss   # head at every position
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             else:
+                opt.set_lr(step_lr)
                 with amp():
-                    loss = train.answer_loss(model, *b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                    loss = train.answer_loss(model, *b, head=head)
+                loss.backward()                                   # Adam steps inside
             conn.send((time.perf_counter() - t0, loss.item()))
         elif msg[0] == "eval":
             model.eval()

@@ -63,6 +63,39 @@ def test_schedule_warmup_then_linear_decay():
     assert {train.lr_factor(s, 20, constant=True) for s in range(20)} == {1.0}
 
 
+def test_adam_in_backward_equals_one_adam_over_all_parameters(tiny_dir):
+    """AdamInBackward steps each parameter inside backward(); the result must be one Adam's, bit for bit."""
+    tok = M.load_tokenizer(tiny_dir)
+    ids, mask, labels = data.encode_examples(tok, data.load_dataset("first_hop")["facts"][:6])
+    ours, ref, base = (M.from_pretrained(tiny_dir) for _ in range(3))
+    names = set(train.trainable_names(base))                      # the blocks
+    params = {}
+    for m in (ours, ref):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n in names)
+        params[m] = [p for n, p in m.named_parameters() if n in names]
+    opt = train.AdamInBackward(params[ours], lr=1e-3)
+    adam = torch.optim.Adam(params[ref], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    for step, lr in enumerate([1e-3, 3e-3, 2e-3]):
+        rows = torch.tensor([step, step + 3])
+        opt.set_lr(lr)
+        train.answer_loss(ours, ids[rows], mask[rows], labels[rows]).backward()
+        assert all(p.grad is None for p in params[ours])        # each gradient freed once used
+        adam.param_groups[0]["lr"] = lr
+        adam.zero_grad(set_to_none=True)
+        train.answer_loss(ref, ids[rows], mask[rows], labels[rows]).backward()
+        adam.step()
+    changed = 0
+    for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), n
+        changed += not torch.equal(a, base.state_dict()[n])
+    assert changed == len(params[ours])                           # every trainable parameter moved
+    opt.remove()                                                  # unhooked: backward no longer steps
+    before = [p.detach().clone() for p in params[ours]]
+    train.answer_loss(ours, ids, mask, labels).backward()
+    assert all(p.grad is not None and torch.equal(p, b) for p, b in zip(params[ours], before))
+
+
 def test_split_layers():
     assert train.split_layers(30, "early") == list(range(23)) and train.split_layers(30, "late") == list(range(23, 30))
     assert train.split_layers(32, "early") == list(range(24)) and train.split_layers(4, "late") == [3]
