@@ -55,7 +55,7 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, threads, conn):
     else:
         opt = train.AdamInBackward(params, lr)                    # as train.py: fused Adam inside backward()
     bf16 = kind == "ours-bf16"
-    head = train.bf16_head(model, argparse.Namespace(dtype="bfloat16")) if bf16 else None   # as train.py
+    head = train.bf16_head(model, "bfloat16") if bf16 else None   # as train.py
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     rss_loaded = rss_mib()
     conn.send(("ready", rss_loaded))
@@ -118,15 +118,24 @@ def main():
     path = str(resolve(args.model))
     kinds = args.contenders.split(",")
     ctx = mp.get_context("spawn")
-    conns, procs = {}, []
+    conns, procs = {}, {}
     for k in kinds:
-        a, b = ctx.Pipe()
-        pr = ctx.Process(target=worker, args=(k, path, args.dataset, args.seed, args.lr, args.hf_fused_adam,
-                                              args.threads, b))
-        pr.start()
-        conns[k], _ = a, procs.append(pr)
+        conns[k], b = ctx.Pipe()
+        procs[k] = ctx.Process(target=worker, args=(k, path, args.dataset, args.seed, args.lr, args.hf_fused_adam,
+                                                    args.threads, b))
+        procs[k].start()
+
+    def answer(k):
+        """The worker's reply; a worker that died (its traceback is printed above) ends the run, not a hang."""
+        while not conns[k].poll(1):
+            if not procs[k].is_alive():
+                for pr in procs.values():
+                    pr.kill()
+                sys.exit(f"error: the {k} worker died (exit code {procs[k].exitcode}); see its traceback above")
+        return conns[k].recv()
+
     for k in kinds:                                               # one at a time: loading is not timed
-        conns[k].recv()
+        answer(k)
     N = len(data.load_dataset(args.dataset, seed=args.seed)["facts"])
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = args.epochs * steps_per_epoch
@@ -141,7 +150,7 @@ def main():
             order = kinds[step % len(kinds):] + kinds[:step % len(kinds)]   # rotate who goes first
             for k in order:
                 conns[k].send(("step", perm[i:i + args.batch_size], lr))
-                t, loss = conns[k].recv()
+                t, loss = answer(k)
                 times[k].append(t)
                 losses[k].append(loss)
             step += 1
@@ -154,15 +163,15 @@ def main():
     result = {}
     for k in kinds:
         conns[k].send(("eval",))
-        ranks = conns[k].recv()
+        ranks = answer(k)
         conns[k].send(("mem",))
-        peak, loaded = conns[k].recv()
+        peak, loaded = answer(k)
         result[k] = (sum(times[k]), statistics.median(times[k]))
         print(f"{k:>13} {sum(times[k]):8.2f} {statistics.median(times[k]):14.3f} {tokens / sum(times[k]):9.0f} "
               f"{losses[k][-1]:11.4f} {ranks['facts']:10.2f} {ranks['implications']:10.2f} {peak:9.0f} "
               f"{peak - loaded:10.0f}")
         conns[k].send(("stop",))
-    for pr in procs:
+    for pr in procs.values():
         pr.join()
     if "transformers" in result:
         for k in kinds:
