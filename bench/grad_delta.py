@@ -52,7 +52,7 @@ def main():
         g = torch.randn(args.n, O, device="cuda", dtype=dtype)                 # (N, O)
         x = torch.randn(args.n, I, device="cuda", dtype=dtype)                 # (N, I)
         dW = (0.01 * torch.randn(O, I, device="cuda")).to(dtype)               # (O, I)
-        runs = {impl: (lambda impl=impl: grad_delta(g, x, dW, n_groups, split, impl=impl))
+        runs = {impl: (lambda impl=impl, g=g, x=x, dW=dW: grad_delta(g, x, dW, n_groups, split, impl=impl))
                 for impl in ("torch", "triton")}
         want, got = runs["torch"](), runs["triton"]()                         # also compiles the kernel
         err = ((got - want).abs().max() / want.abs().max()).item()
