@@ -8,8 +8,7 @@ Adam (0.9, 0.999, eps 1e-8, no weight decay), batch 8, 8 epochs, 10% warmup then
 the answer tokens only. By default only the transformer blocks train (attention and MLP projections and their
 norms); token embeddings, the final norm and the output head stay frozen, as in the paper's OLMo runs, so a new
 fact has to live in the components the scores measure. Master weights are fp32; `--dtype bfloat16` runs the
-matmuls in bf16 (autocast; bf16 working copies of the trained matrices, updated from their fp32 masters; a bf16
-copy of the frozen output head) with norms, softmax, logits, loss and ranks in fp32.
+matmuls in bf16 (autocast, and a bf16 copy of the frozen output head) with logits, loss and ranks in fp32.
 """
 import argparse
 import json
@@ -118,42 +117,26 @@ class AdamInBackward:
     of one Adam over all parameters (tested); but the gradients are never all held at once (the default model:
     425 MB less; a 7B model: 28 GB less), and each one is used while it is still in cache.
 
-        opt = AdamInBackward(params, lr, bf16=bf16_weights(model, params, args.dtype))
+        opt = AdamInBackward(params, lr)
         opt.set_lr(lr_now); loss.backward()      # the step happens here
-        opt.remove()                             # at the end of the phase: unhook, fp32 weights back
-
-    `bf16`: weights to hold as bf16 working copies for the phase (--dtype bfloat16; mixed precision with fp32
-    master weights, Micikevicius et al. 2018). The model then computes with the bf16 copy, its gradient comes
-    out in bf16, Adam updates the fp32 master and the copy is rounded from it again. Under autocast this gives
-    bit for bit what autocast's own casts give (tested), without casting every weight anew in each forward pass
-    and casting its gradient back in each backward pass: 4-8% of a step on the default model (measured).
+        opt.remove()                             # at the end of the phase: unhook
 
     The hook calls torch.optim.adam.adam, the function behind torch.optim.Adam, with this class's own state:
     one torch.optim.Adam per parameter costs ~40 us of bookkeeping a call, 11 ms a step over the default model's
     270 tensors (a sixth of the update itself)."""
 
-    def __init__(self, params, lr, bf16=()):
+    def __init__(self, params, lr):
         self.lr = lr
         self.fused = all(p.device.type in ("cpu", "cuda") for p in params)   # where the fused kernel exists
-        self.master = {}
-        for p in bf16:
-            self.master[p] = p.data                               # fp32: what Adam updates
-            p.data = p.data.to(torch.bfloat16)                    # bf16: what forward and backward read
-        self.state = {}
-        for p in params:
-            w = self.master.get(p, p)
-            self.state[p] = (torch.zeros_like(w), torch.zeros_like(w),           # Adam's moments m and v
-                             torch.zeros((), dtype=torch.float32, device=w.device if self.fused else "cpu"))
+        self.state = {p: (torch.zeros_like(p), torch.zeros_like(p),          # Adam's moments m and v
+                          torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu"))
+                      for p in params}                                       # and the step count
         self.hooks = [p.register_post_accumulate_grad_hook(self._step) for p in params]
 
     def _step(self, p):
-        w = self.master.get(p, p)
         m, v, step = self.state[p]
-        adam([w], [p.grad.to(w.dtype)], [m], [v], [], [step], fused=self.fused or None, amsgrad=False,
+        adam([p], [p.grad], [m], [v], [], [step], fused=self.fused or None, amsgrad=False,
              beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
-        if w is not p:
-            with torch.no_grad():
-                p.copy_(w)                                        # round the new master to the working copy
         p.grad = None
 
     def set_lr(self, lr):
@@ -162,20 +145,6 @@ class AdamInBackward:
     def remove(self):
         for h in self.hooks:
             h.remove()
-        for p, w in self.master.items():                          # the trained fp32 weights, back in the model
-            p.data = w
-        self.master = {}
-
-
-def bf16_weights(model, params, dtype):
-    """The trained weights that only matmuls read (the nn.Linear weights inside the blocks), when matmuls run in
-    bf16 (`dtype`, --dtype); AdamInBackward holds them as bf16 working copies. Norm weights stay fp32 (norms run
-    in fp32), and so do embeddings and head (an embedding lookup is no matmul: a bf16 copy would change the
-    residual stream)."""
-    if dtype != "bfloat16":
-        return []
-    trained = set(params)
-    return [m.weight for m in model.layers.modules() if isinstance(m, torch.nn.Linear) and m.weight in trained]
 
 
 def autocast(args):
@@ -233,7 +202,7 @@ def train_phase(model, tok, examples, evals, params, args, phase, log):
     # epoch 0: the loss of the untrained model on the whole training set
     records = [record(0, dataset_loss(model, [batch(torch.arange(i, min(i + B, N), device=device))
                                               for i in range(0, N, B)], args, head), t0)]
-    opt, step = AdamInBackward(params, args.lr, bf16_weights(model, params, args.dtype)), 0   # fresh every phase
+    opt, step = AdamInBackward(params, args.lr), 0                # a fresh Adam for every phase
     try:
         for epoch in range(1, args.epochs + 1):
             model.train()

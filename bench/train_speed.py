@@ -7,9 +7,8 @@ from other processes on a shared machine falls on all of them alike.
 
     python bench/train_speed.py [--dataset first_hop] [--epochs 8] [--hf-fused-adam]
 
-Contenders: ours in fp32, and ours with bf16 matmuls (bf16 working copies of the trained matrices with fp32
-masters; a bf16 copy of the frozen output head), both with train.py's Adam inside backward
-(train.AdamInBackward); transformers in fp32 with the Adam a plain `torch.optim.Adam(params, lr)` gives, stepped
+Contenders: ours in fp32, and ours with bf16 matmuls (fp32 master weights; a bf16 copy of the frozen output
+head), both with train.py's Adam inside backward (train.AdamInBackward); transformers in fp32 with the Adam a plain `torch.optim.Adam(params, lr)` gives, stepped
 after backward (`--hf-fused-adam`: the fused kernel too). Every contender owns its weights in memory before the
 clock starts, and builds its optimizer inside the first timed step.
 Prints the throughput ratio, both final ranks and peak memories.
@@ -64,7 +63,7 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, threads, conn):
     def make_optimizer():                                         # inside the first timed step: its state is
         if kind == "transformers":                                # allocated there (transformers' Adam: lazily)
             return torch.optim.Adam(params, lr=lr, fused=True if hf_fused else None)
-        return train.AdamInBackward(params, lr, train.bf16_weights(model, params, "bfloat16" if bf16 else "float32"))
+        return train.AdamInBackward(params, lr)                   # as train.py: fused Adam inside backward()
 
     opt = None
     head = train.bf16_head(model, "bfloat16") if bf16 else None   # as train.py

@@ -96,46 +96,6 @@ def test_adam_in_backward_equals_one_adam_over_all_parameters(tiny_dir):
     assert all(p.grad is not None and torch.equal(p, b) for p, b in zip(params[ours], before))
 
 
-def test_bf16_working_copies_equal_autocast_with_one_adam(tiny_dir):
-    """--dtype bfloat16: bf16 working copies of the block matrices with fp32 masters (AdamInBackward's `bf16`) must
-    train bit for bit like autocast casting fp32 weights at every step with one Adam, and hand fp32 weights back."""
-    tok = M.load_tokenizer(tiny_dir)
-    ids, mask, labels = data.encode_examples(tok, data.load_dataset("first_hop")["facts"][:6])
-    ours, ref = M.from_pretrained(tiny_dir), M.from_pretrained(tiny_dir)
-    names = set(train.trainable_names(ours))
-    params = {}
-    for m in (ours, ref):
-        for n, p in m.named_parameters():
-            p.requires_grad_(n in names)
-        params[m] = [p for n, p in m.named_parameters() if n in names]
-    working = train.bf16_weights(ours, params[ours], "bfloat16")
-    assert train.bf16_weights(ours, params[ours], "float32") == []
-    assert len(working) == 7 * ours.config.n_layers and all(p.dim() == 2 for p in working)   # q k v o gate up down
-    opt = train.AdamInBackward(params[ours], lr=1e-2, bf16=working)
-    assert all(p.dtype == torch.bfloat16 for p in working)
-    adam = torch.optim.Adam(params[ref], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    for step, lr in enumerate([1e-2, 3e-2, 2e-2]):
-        rows = torch.tensor([step, step + 3])
-        opt.set_lr(lr)
-        with amp():
-            loss = train.answer_loss(ours, ids[rows], mask[rows], labels[rows])
-        loss.backward()
-        adam.param_groups[0]["lr"] = lr
-        adam.zero_grad(set_to_none=True)
-        with amp():
-            want = train.answer_loss(ref, ids[rows], mask[rows], labels[rows])
-        want.backward()
-        adam.step()
-        assert torch.equal(loss, want), step
-        for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
-            if p.dtype == torch.bfloat16:                         # a working copy: the master, rounded
-                assert torch.equal(p, q.to(torch.bfloat16)), n
-    opt.remove()
-    for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
-        assert a.dtype == torch.float32 and torch.equal(a, b), n   # fp32 masters back, equal to the reference
-
-
 def test_split_layers():
     assert train.split_layers(30, "early") == list(range(23)) and train.split_layers(30, "late") == list(range(23, 30))
     assert train.split_layers(32, "early") == list(range(24)) and train.split_layers(4, "late") == [3]
