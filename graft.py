@@ -17,7 +17,6 @@ Every stage is a directory under --out that is reused when the experiment runs a
 import argparse
 import json
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -29,12 +28,10 @@ from safetensors.torch import save_file
 
 import data
 import scores
-from model import DEFAULT_NAME, atomic_dir, from_pretrained, load_config, load_tokenizer, resolve, safetensors_files
+from model import (DEFAULT_NAME, atomic_dir, config_diff, copy_side_files, from_pretrained, load_config,
+                   load_tokenizer, resolve, safetensors_files, write_text_atomic)
 
 ROOT = Path(__file__).resolve().parent
-# files besides the weights that a checkpoint directory carries; taken from the base A
-SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "generation_config.json")
 PAPER_TABLE3 = {"W_F'": (9.13, 8.55, 0.00), "W_graft": (1.13, 3.30, 0.10), "W~_graft": (8.38, 0.43, 0.32)}
 TABLE3_COLS = ("Impl F'", "Impl F", "F'")
 
@@ -47,8 +44,7 @@ def check_compatible(paths):
     cfgs = [load_config(p) for p in paths]
     for p, c in zip(paths[1:], cfgs[1:]):
         if c != cfgs[0]:
-            diff = [f for f in c.__dataclass_fields__ if getattr(c, f) != getattr(cfgs[0], f)]
-            raise ValueError(f"{p} and {paths[0]} have different architectures ({', '.join(diff)}): "
+            raise ValueError(f"{p} and {paths[0]} have different architectures ({', '.join(config_diff(c, cfgs[0]))}): "
                              "graft only checkpoints finetuned from one base model")
     vocabs = [load_tokenizer(p).get_vocab() for p in paths]
     for p, v in zip(paths[1:], vocabs[1:]):
@@ -98,9 +94,7 @@ def graft(base, add, sub, out, log=print):
             idx = json.loads(index.read_text())
             idx["metadata"] = {**idx.get("metadata", {}), "total_size": total}
             (tmp / index.name).write_text(json.dumps(idx, indent=1))
-        for name in SIDE_FILES:
-            if (paths[0] / name).exists():
-                shutil.copy(paths[0] / name, tmp / name)
+        copy_side_files(paths[0], tmp)                            # config and tokenizer: the base's
         (tmp / "graft.json").write_text(json.dumps({"formula": "base + (add - sub), tensor by tensor in fp32",
                                                     "base": str(base), "add": str(add), "sub": str(sub)}, indent=1))
     log(f"wrote {out} = {base} + ({add} - {sub})")
@@ -202,10 +196,7 @@ def scatter(fig6, path):
         ax.xaxis.label.set_fontsize(8)
         ax.yaxis.label.set_fontsize(8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    scores.save_figure(fig, path)
 
 
 def markdown_table3(ranks):
@@ -294,9 +285,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", log=print):
                "fig6": fig6, "fig4_facts_first": facts_first, "stage_times_s": times,
                "wall_time_s": round(time.time() - t0, 1)}
     (out / "table3.md").write_text(table + "\n")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out / "results.json")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1))
     log(table)
     log(f"[graft] wrote {out}/results.json, table3.md, fig6.png ({results['wall_time_s']:.0f} s)")
     return results

@@ -28,6 +28,9 @@ from safetensors.torch import save_file
 from kernels.attention import attention
 
 DEFAULT_NAME = "smollm2-135m"      # the embedded default model (default_model.py)
+# what a checkpoint directory carries besides its weights (copied from the source model when we write one)
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json")
 
 
 # --- config: the architecture, field by field from config.json ----------------------------------
@@ -375,6 +378,11 @@ def resolve(name_or_path, revision=None) -> Path:
                                 f"provide it ({type(e).__name__}): check the path, or the id and network") from None
 
 
+def config_diff(a: Config, b: Config):
+    """Names of the fields where two architectures differ (empty: the same architecture)."""
+    return [f for f in a.__dataclass_fields__ if getattr(a, f) != getattr(b, f)]
+
+
 def load_config(path: Path) -> Config:
     f = path / "config.json"
     if not f.exists():
@@ -457,14 +465,26 @@ def atomic_dir(out_dir):
         raise
 
 
+def write_text_atomic(path, text):
+    """Write `text` to a temp file beside `path`, then rename it over `path`: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def copy_side_files(src, directory):
+    """Copy the SIDE_FILES that checkpoint directory `src` has into `directory`."""
+    src, directory = Path(src), Path(directory)
+    for name in SIDE_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, directory / name)
+
+
 def write_checkpoint(model: Transformer, directory):
     """config.json and tokenizer files (copied from the model's source) and model.safetensors (in the
     model's dtype) into an existing directory."""
-    src, directory = Path(model.source), Path(directory)
-    for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"]:
-        if (src / name).exists():
-            shutil.copy(src / name, directory / name)
+    copy_side_files(model.source, directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 

@@ -31,7 +31,7 @@ import torch
 import data
 import graft
 import train
-from model import DEFAULT_NAME, from_pretrained, load_tokenizer, resolve
+from model import DEFAULT_NAME, from_pretrained, load_tokenizer, resolve, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent
 HOPS = ("first_hop", "second_hop")
@@ -41,8 +41,6 @@ CHANCE = 9.5                                   # mean rank of a guess among 20 c
 PAPER_TABLE2 = {"None": (0.00, 0.00, 0.00, 1.80), "Early": (5.10, 8.40, 0.95, 1.85), "Late": (0.00, 0.00, 0.10, 6.30),
                 "All": (9.20, 9.25, 9.10, 9.50), "Early (pre)": (0.00, 6.50, 0.00, 0.50),
                 "Late (pre)": (0.00, 0.10, 0.00, 6.60)}
-PAPER_TABLE3 = {"W_F'": (9.13, 8.55, 0.00), "W_graft": (1.13, 3.30, 0.10), "W~_graft": (8.38, 0.43, 0.32)}
-TABLE3_COLS = ("Impl F'", "Impl F", "F'")
 
 
 def log(msg):
@@ -50,9 +48,7 @@ def log(msg):
 
 
 def write_json(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def read_json(path):
@@ -434,14 +430,15 @@ def render(res, figures):
     L += ["", "(train ranks at the end of continued pretraining; test ranks after the test-fact finetune)", "",
           img("fig4", "Fig. 4: continued pretraining (left), finetuning on test facts (right)"), ""]
     # Table 3
-    L += ["## Table 3: weight grafting", "", "| weights | " + " | ".join(f"{c} | paper" for c in TABLE3_COLS) + " |",
+    cols = graft.TABLE3_COLS
+    L += ["## Table 3: weight grafting", "", "| weights | " + " | ".join(f"{c} | paper" for c in cols) + " |",
           "|---" * 7 + "|"]
     t3 = res["table3"] or {}
-    for w, paper in PAPER_TABLE3.items():
-        L.append(f"| {w} | " + " | ".join(f"{fmt(t3.get(w, {}).get(c))} | {p:.2f}" for c, p in zip(TABLE3_COLS, paper))
+    for w, paper in graft.PAPER_TABLE3.items():
+        L.append(f"| {w} | " + " | ".join(f"{fmt(t3.get(w, {}).get(c))} | {p:.2f}" for c, p in zip(cols, paper))
                  + " |")
     if "W (base)" in t3:
-        L.append("| W (base, ours only) | " + " | ".join(f"{fmt(t3['W (base)'].get(c))} | —" for c in TABLE3_COLS) + " |")
+        L.append("| W (base, ours only) | " + " | ".join(f"{fmt(t3['W (base)'].get(c))} | —" for c in cols) + " |")
     L += ["", "W_graft = W_F' + (W_F,ImplF - W_F); W~_graft = W_F' + (W_ImplF - W).", ""]
     # Fig. 6
     L += ["## Fig. 6: downstream against informative scores of the graft", "",
@@ -548,9 +545,7 @@ def write_report(model, seeds, work, out):
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     figs = make_figures(res, out)
     write_json(out / "results.json", res)
-    tmp = out / "REPORT.md.tmp"
-    tmp.write_text(render(res, figs))
-    tmp.replace(out / "REPORT.md")
+    write_text_atomic(out / "REPORT.md", render(res, figs))
     return res
 
 

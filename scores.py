@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 import data
 from kernels.grad_delta import grad_delta
-from model import Taps, from_pretrained, load_tokenizer, resolve
+from model import Taps, config_diff, from_pretrained, load_tokenizer, resolve, write_text_atomic
 
 MLP_MAPS = ("gate_proj", "up_proj", "down_proj")
 
@@ -320,6 +320,12 @@ def figure(scores, tokens, path, title):
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure as PNG beside `path`, then rename it over `path`; close it."""
+    import matplotlib.pyplot as plt
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -366,9 +372,8 @@ def exact_report(ex, lin, L, H):
 
 def check_pair(model_a, model_b, tok_a, tok_b, a, b):
     if model_a.config != model_b.config:
-        diff = [f for f in model_a.config.__dataclass_fields__
-                if getattr(model_a.config, f) != getattr(model_b.config, f)]
-        raise ValueError(f"{a} and {b} have different architectures ({', '.join(diff)}): "
+        raise ValueError(f"{a} and {b} have different architectures "
+                         f"({', '.join(config_diff(model_a.config, model_b.config))}): "
                          "ckpt_b must be a finetune of ckpt_a")
     if tok_a.get_vocab() != tok_b.get_vocab():
         raise ValueError(f"{a} and {b} have different tokenizers: ckpt_b must be a finetune of ckpt_a")
@@ -429,8 +434,7 @@ def main():
             ex = exact(model_a, model_b, b, list(range(k)))
             report, ex_lines = exact_report(ex, {n: v[:k].cpu() for n, v in lin.items()},
                                             model_a.config.n_layers, model_a.config.n_heads)
-            (out / "exact.json.tmp").write_text(json.dumps({"settings": settings, "n_prompts": k, **report}))
-            (out / "exact.json.tmp").replace(out / "exact.json")
+            write_text_atomic(out / "exact.json", json.dumps({"settings": settings, "n_prompts": k, **report}))
             lines += ["exact vs linearized, per component summed over positions:"] + ex_lines
         (out / "summary.txt").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))

@@ -314,8 +314,7 @@ def run(args, log=print):
             f"fact rank {ranks['facts']:5.2f}  impl rank {ranks['implications']:5.2f}")
     metrics = {"args": vars(args), "base_model": str(model.source), "n_params": n_params,
                "n_trainable": sum(p.numel() for p in params), "frozen_layers": frozen,
-               "torch_threads": torch.get_num_threads(), "wall_time_s": None, "records": records}
-    metrics["wall_time_s"] = time.time() - t_start
+               "torch_threads": torch.get_num_threads(), "wall_time_s": time.time() - t_start, "records": records}
     return model, metrics
 
 
@@ -343,7 +342,8 @@ def main(argv=None):
     p.add_argument("--train-all", action="store_true",
                    help="also train token embeddings, final norm and output head (default: blocks only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="matmul precision; weights, Adam state, head, loss and ranks stay fp32")
+                   help="matmul precision; weights, Adam state, logits, loss and ranks stay fp32 (bf16: the frozen "
+                        "head's training matmul reads a bf16 copy)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPU threads for torch (default: every core this process may use; 1 on a busy machine)")

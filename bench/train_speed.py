@@ -8,9 +8,10 @@ from other processes on a shared machine falls on all of them alike.
     python bench/train_speed.py [--dataset first_hop] [--epochs 8] [--hf-fused-adam]
 
 Contenders: ours in fp32, and ours with bf16 matmuls (fp32 master weights; a bf16 copy of the frozen output
-head), both with train.py's Adam inside backward (train.AdamInBackward); transformers in fp32 with the Adam a plain `torch.optim.Adam(params, lr)` gives, stepped
-after backward (`--hf-fused-adam`: the fused kernel too). Every contender owns its weights in memory before the
-clock starts, and builds its optimizer inside the first timed step.
+head), both with train.py's Adam inside backward (train.AdamInBackward); transformers in fp32 with the Adam a
+plain `torch.optim.Adam(params, lr)` gives, stepped after backward (`--hf-fused-adam`: the fused kernel too).
+Every contender owns its weights in memory before the clock starts, and builds its optimizer inside the first
+timed step.
 Prints the throughput ratio, both final ranks and peak memories.
 """
 import argparse
@@ -148,7 +149,8 @@ def main():
 
     for k in kinds:                                               # one at a time: loading is not timed
         answer(k)
-    N = len(data.load_dataset(args.dataset, seed=args.seed)["facts"])
+    facts = data.load_dataset(args.dataset, seed=args.seed)["facts"]
+    N = len(facts)
     steps_per_epoch = math.ceil(N / args.batch_size)
     total = args.epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(args.seed)
@@ -166,12 +168,11 @@ def main():
                 times[k].append(t)
                 losses[k].append(loss)
             step += 1
-    tokens = sum(int(n) for n in data.encode_examples(load_tokenizer(path),
-                 data.load_dataset(args.dataset, seed=args.seed)["facts"])[1].sum(1)) * args.epochs
+    tokens = int(data.encode_examples(load_tokenizer(path), facts)[1].sum()) * args.epochs   # mask: real tokens
     print(f"{args.dataset}: {total} steps of batch {args.batch_size}, {tokens} training tokens; "
           f"{args.threads} threads per worker; transformers' Adam: {'fused' if args.hf_fused_adam else 'default'}")
-    print(f"{'contender':>13} {'total s':>8} {'first step s':>13} {'median step s':>14} {'tokens/s':>9} {'final loss':>11} "
-          f"{'fact rank':>10} {'impl rank':>10} {'peak MiB':>9} {'train MiB':>10}")
+    print(f"{'contender':>13} {'total s':>8} {'first step s':>13} {'median step s':>14} {'tokens/s':>9} "
+          f"{'final loss':>11} {'fact rank':>10} {'impl rank':>10} {'peak MiB':>9} {'train MiB':>10}")
     result = {}
     for k in kinds:
         conns[k].send(("eval",))
@@ -179,9 +180,9 @@ def main():
         conns[k].send(("mem",))
         peak, loaded = answer(k)
         result[k] = (sum(times[k]), statistics.median(times[k]))
-        print(f"{k:>13} {sum(times[k]):8.2f} {times[k][0]:13.3f} {statistics.median(times[k]):14.3f} {tokens / sum(times[k]):9.0f} "
-              f"{losses[k][-1]:11.4f} {ranks['facts']:10.2f} {ranks['implications']:10.2f} {peak:9.0f} "
-              f"{peak - loaded:10.0f}")
+        print(f"{k:>13} {sum(times[k]):8.2f} {times[k][0]:13.3f} {statistics.median(times[k]):14.3f} "
+              f"{tokens / sum(times[k]):9.0f} {losses[k][-1]:11.4f} {ranks['facts']:10.2f} "
+              f"{ranks['implications']:10.2f} {peak:9.0f} {peak - loaded:10.0f}")
         conns[k].send(("stop",))
     for pr in procs.values():
         pr.join()

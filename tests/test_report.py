@@ -87,7 +87,7 @@ def test_report_has_every_section_table_figure_and_verdict(tmp_path):
     for row in R.PAPER_TABLE2:                                     # Table 2: every row, ours and the paper's
         assert f"| {row} |" in text, row
     assert "| Early | 3.00 ± 0.00 | 5.10 |" in text                # two seeds: mean ± sd beside the paper's number
-    for w in R.PAPER_TABLE3:
+    for w in R.graft.PAPER_TABLE3:
         assert f"| {w} |" in text, w
     assert "| W_graft | 1.00 ± 0.00 | 1.13 |" in text
     for f in ("fig2.png", "fig3_first_hop.png", "fig3_second_hop.png", "fig4.png", "fig6.png"):
