@@ -11,6 +11,7 @@ fact has to live in the components the scores measure. Master weights are fp32; 
 matmuls in bf16 (autocast, and a bf16 copy of the frozen output head) with logits, loss and ranks in fp32.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -145,6 +146,30 @@ class AdamInBackward:
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+def cpu_count():
+    """The cores this process may use (Linux: its affinity mask; macOS has no such call)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS. By default it serves
+    blocks above a (self-adjusting) threshold with fresh mmap'ed pages and trims its heap whenever the memory free
+    at its top passes twice that threshold; a training step frees and allocates again the same few hundred MB
+    (the bf16 weight casts, the weight gradients), so every step faulted 3000-4500 pages back in, each zeroed by
+    the kernel: 0.02-0.05 s of a 0.35-0.40 s bf16 step on the default model (measured, 2-core CPU, separate
+    processes). With blocks up to 32 MB (glibc's largest mmap threshold) from the heap and trimming only above
+    1 GB, a step takes 0-100 faults. The peak
+    memory is the same; only what was freed is held until the process ends. CPU only, and only where the C library
+    is glibc (Linux); elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt                                    # glibc only
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 def autocast(args):
@@ -345,12 +370,14 @@ def main(argv=None):
                    help="matmul precision; weights, Adam state, logits, loss and ranks stay fp32 (bf16: the frozen "
                         "head's training matmul reads a bf16 copy)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--threads", type=int, default=cpu_count(),
                    help="CPU threads for torch (default: every core this process may use; 1 on a busy machine)")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(Path("runs") / data.dataset_name(args.dataset))
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cpu":
+        keep_freed_memory()
     try:
         check_writable(args.out)
         model, metrics = run(args)

@@ -5,11 +5,12 @@ transformer blocks; embeddings and head frozen). Each contender lives in its own
 peak memory is its own; the workers take their training steps in lock-step, in rotating order, so that load
 from other processes on a shared machine falls on all of them alike.
 
-    python bench/train_speed.py [--dataset first_hop] [--epochs 8] [--hf-fused-adam]
+    python bench/train_speed.py [--dataset first_hop] [--epochs 8] [--hf-fused-adam] [--hf-keep-freed]
 
 Contenders: ours in fp32, and ours with bf16 matmuls (fp32 master weights; a bf16 copy of the frozen output
 head), both with train.py's Adam inside backward (train.AdamInBackward); transformers in fp32 with the Adam a
-plain `torch.optim.Adam(params, lr)` gives, stepped after backward (`--hf-fused-adam`: the fused kernel too).
+plain `torch.optim.Adam(params, lr)` gives, stepped after backward (`--hf-fused-adam`: the fused kernel too), and
+glibc's default malloc (`--hf-keep-freed`: train.py's setting too).
 Every contender owns its weights in memory before the clock starts, and builds its optimizer inside the first
 timed step.
 Prints the throughput ratio, both final ranks and peak memories.
@@ -37,9 +38,11 @@ def rss_mib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def worker(kind, path, ds_name, seed, lr, hf_fused, threads, conn):
+def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
     """Load one contender, then serve ("step", rows, lr) / ("eval",) / ("mem",) requests until ("stop",)."""
     torch.set_num_threads(threads)
+    if kind != "transformers" or hf_keep:
+        train.keep_freed_memory()                                 # as train.py does on CPU
     torch.manual_seed(seed)
     tok = load_tokenizer(path)
     ds = data.load_dataset(ds_name, seed=seed)
@@ -126,6 +129,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="dataset pairing and shuffling")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
     p.add_argument("--hf-fused-adam", action="store_true", help="give transformers our fused Adam as well")
+    p.add_argument("--hf-keep-freed", action="store_true",
+                   help="give transformers our malloc setting as well (train.keep_freed_memory)")
     p.add_argument("--contenders", default="ours-fp32,ours-bf16,transformers", help="comma-separated subset")
     args = p.parse_args()
     path = str(resolve(args.model))
@@ -135,7 +140,7 @@ def main():
     for k in kinds:
         conns[k], b = ctx.Pipe()
         procs[k] = ctx.Process(target=worker, args=(k, path, args.dataset, args.seed, args.lr, args.hf_fused_adam,
-                                                    args.threads, b))
+                                                    args.hf_keep_freed, args.threads, b))
         procs[k].start()
 
     def answer(k):
@@ -170,7 +175,8 @@ def main():
             step += 1
     tokens = int(data.encode_examples(load_tokenizer(path), facts)[1].sum()) * args.epochs   # mask: real tokens
     print(f"{args.dataset}: {total} steps of batch {args.batch_size}, {tokens} training tokens; "
-          f"{args.threads} threads per worker; transformers' Adam: {'fused' if args.hf_fused_adam else 'default'}")
+          f"{args.threads} threads per worker; transformers' Adam: {'fused' if args.hf_fused_adam else 'default'}, "
+          f"its malloc: {'ours (keep_freed_memory)' if args.hf_keep_freed else 'default'}")
     print(f"{'contender':>13} {'total s':>8} {'first step s':>13} {'median step s':>14} {'tokens/s':>9} "
           f"{'final loss':>11} {'fact rank':>10} {'impl rank':>10} {'peak MiB':>9} {'train MiB':>10}")
     result = {}
