@@ -148,9 +148,21 @@ class AdamInBackward:
             h.remove()
 
 
+def device_name(name):
+    """--device: a name torch accepts (cpu, cuda, cuda:1, ...), checked when the arguments are parsed."""
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    return name
+
+
 def cpu_count():
     """The cores this process may use (Linux: its affinity mask; macOS has no such call)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                       # mallopt's parameters, from glibc's malloc.h
 
 
 def keep_freed_memory():
@@ -160,15 +172,12 @@ def keep_freed_memory():
     (the bf16 weight casts, the weight gradients), so every step faulted 3000-4500 pages back in, each zeroed by
     the kernel: 0.02-0.05 s of a 0.35-0.40 s bf16 step on the default model (measured, 2-core CPU, separate
     processes). With blocks up to 32 MB (glibc's largest mmap threshold) from the heap and trimming only above
-    1 GB, a step takes 0-100 faults. The peak
-    memory is the same; only what was freed is held until the process ends. CPU only, and only where the C library
-    is glibc (Linux); elsewhere a no-op."""
+    1 GB, a step takes 0-100 faults. The peak memory is the same; only what was freed is held until the process
+    ends. CPU only, and only where the C library is glibc (Linux); elsewhere a no-op."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt                                    # glibc only
+        mallopt = ctypes.CDLL("libc.so.6").mallopt                # glibc only
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                   # from glibc's malloc.h
     return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
@@ -369,7 +378,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="matmul precision; weights, Adam state, logits, loss and ranks stay fp32 (bf16: the frozen "
                         "head's training matmul reads a bf16 copy)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--threads", type=int, default=cpu_count(),
                    help="CPU threads for torch (default: every core this process may use; 1 on a busy machine)")
     args = p.parse_args(argv)

@@ -176,8 +176,8 @@ FAULTS_SCRIPT = """
 import ctypes, resource, sys, torch
 sys.path.insert(0, {root!r})
 import train
-libc = ctypes.CDLL("libc.so.6")     # start from glibc's documented defaults, not from what imports made of them
-assert libc.mallopt(-1, 128 * 1024) and libc.mallopt(-3, 128 * 1024)       # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+mallopt = ctypes.CDLL("libc.so.6").mallopt   # start from glibc's documented defaults, not what imports made of them
+assert mallopt(train.M_TRIM_THRESHOLD, 128 * 1024) and mallopt(train.M_MMAP_THRESHOLD, 128 * 1024)
 if sys.argv[1] == "keep":
     assert train.keep_freed_memory()
 faults = []
@@ -200,3 +200,10 @@ def test_keep_freed_memory_stops_page_faults_on_reuse():
     default, keep = run("default"), run("keep")
     assert default > 50000, default
     assert keep < 100, keep
+
+
+def test_unknown_device_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--device", "foo"])
+    assert e.value.code == 2                                       # argparse's usage error, no traceback
+    assert "argument --device: unknown device 'foo'" in capsys.readouterr().err
