@@ -158,6 +158,13 @@ def upcast(x):
     return x if x.dtype == torch.float64 else x.float()
 
 
+def matmul_dtype(x):
+    """x in autocast's dtype if autocast is on: a sublayer's input, cast once rather than in each projection."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class Norm(nn.Module):
     """RMSNorm (Llama, Qwen 2, OLMo 2), RMSNorm with (1 + w) (Gemma 2), or parameter-free LayerNorm (OLMo)."""
 
@@ -272,7 +279,7 @@ class Block(nn.Module):
         """The attention's write into the residual stream, from the residual stream `resid`."""
         pre, cfg = f"layers.{self.i}.", self.cfg
         x = resid if cfg.post_norms else self.input_layernorm(resid)
-        x = _tap(taps, pre + "attn_in", x)
+        x = _tap(taps, pre + "attn_in", matmul_dtype(x))
         out = _tap(taps, pre + "attn_out", self.self_attn(x, rope, mask, self.window, taps, pre, impl))
         if cfg.post_norms or cfg.sandwich_norms:
             out = self.post_attention_layernorm(out)
@@ -287,7 +294,7 @@ class Block(nn.Module):
             x = self.pre_feedforward_layernorm(resid)
         else:
             x = self.post_attention_layernorm(resid)
-        x = _tap(taps, pre + "mlp_in", x)
+        x = _tap(taps, pre + "mlp_in", matmul_dtype(x))
         out = _tap(taps, pre + "mlp_out", self.mlp(x, taps, pre))
         if cfg.post_norms or cfg.sandwich_norms:
             out = self.post_feedforward_layernorm(out)

@@ -92,7 +92,7 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
                 loss.backward()
                 opt.step()
             else:
-                opt.set_lr(step_lr)
+                opt.start_step(step_lr)
                 with amp():
                     loss = train.answer_loss(model, *b, head=head)
                 loss.backward()                                   # Adam steps inside

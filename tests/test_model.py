@@ -118,3 +118,25 @@ def test_errors(tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])    # truncated download
     with pytest.raises(ValueError, match="truncated or corrupt"):
         M.from_pretrained(tmp_path)
+
+
+def test_bf16_sublayer_inputs_are_cast_once(tmp_path, monkeypatch):
+    """Under autocast each sublayer's normed input is cast to bf16 once (model.matmul_dtype), not by each of its
+    projections: the same logits bit for bit, and the weight gradients within bf16 rounding (the projections'
+    input gradients are then summed in bf16)."""
+    save_tiny("llama", tmp_path)
+    m = M.from_pretrained(tmp_path)
+    ids, mask = batch()
+
+    def run():
+        taps = M.Taps()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(ids, mask, taps=taps)
+        w = m.layers[0].input_layernorm.weight
+        return logits, torch.autograd.grad(logits[mask.bool()].logsumexp(-1).sum(), w)[0], taps["layers.0.attn_in"]
+    logits, grad, attn_in = run()
+    monkeypatch.setattr(M, "matmul_dtype", lambda x: x)                 # each projection casts its own input
+    ref_logits, ref_grad, ref_in = run()
+    assert attn_in.dtype == torch.bfloat16 and ref_in.dtype == torch.float32
+    assert torch.equal(logits, ref_logits)
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-2 * ref_grad.abs().max().item())

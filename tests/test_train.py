@@ -78,7 +78,7 @@ def test_adam_in_backward_equals_one_adam_over_all_parameters(tiny_dir):
     adam = torch.optim.Adam(params[ref], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=True)
     for step, lr in enumerate([1e-3, 3e-3, 2e-3]):
         rows = torch.tensor([step, step + 3])
-        opt.set_lr(lr)
+        opt.start_step(lr)
         train.answer_loss(ours, ids[rows], mask[rows], labels[rows]).backward()
         assert all(p.grad is None for p in params[ours])        # each gradient freed once used
         adam.param_groups[0]["lr"] = lr
@@ -94,6 +94,30 @@ def test_adam_in_backward_equals_one_adam_over_all_parameters(tiny_dir):
     before = [p.detach().clone() for p in params[ours]]
     train.answer_loss(ours, ids, mask, labels).backward()
     assert all(p.grad is not None and torch.equal(p, b) for p, b in zip(params[ours], before))
+
+
+def test_adam_by_hand_is_the_fused_kernel():
+    """Devices without PyTorch's fused Adam run AdamInBackward's update as written (Kingma & Ba, Algorithm 1):
+    three steps of it must match the fused kernel that runs on CPU."""
+    torch.manual_seed(0)
+    start = torch.randn(300)
+    p_fused, p_hand = (start.clone().requires_grad_(True) for _ in range(2))
+    fused, hand = train.AdamInBackward([p_fused], lr=0.0), train.AdamInBackward([p_hand], lr=0.0)
+    hand.remove()                                                 # p_hand: the by-hand update instead
+
+    def by_hand(p):
+        hand._adam_by_hand(p, p.grad, *hand.state[p], hand.steps[p.device].item())
+        p.grad = None
+    hand.hooks = [p_hand.register_post_accumulate_grad_hook(by_hand)]
+    for lr in (1e-2, 3e-2, 2e-2):
+        g = torch.randn(300)
+        for opt, p in ((fused, p_fused), (hand, p_hand)):
+            opt.start_step(lr)
+            (p * g).sum().backward()
+    assert (p_fused != start).all()                               # every entry moved
+    torch.testing.assert_close(p_hand, p_fused, rtol=1e-6, atol=1e-7)
+    for a, b in zip(hand.state[p_hand], fused.state[p_fused]):    # m and v
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
 
 def test_split_layers():
