@@ -7,10 +7,8 @@ soft-cap `softcap * tanh(x / softcap)`, and mask allowing s <= t, t - s < window
 
 Shapes: B batch, H query heads, K key/value heads, T positions, E head dim.
 
-The torch twin is the definition: `attention_math` writes it as plain torch operations, and `attention_torch` runs
-it as one autograd node whose backward pass is written out (the kernel's formulas; tested against autograd
-through attention_math). The Triton kernel beside it must match it. `attention` picks one of the two in one
-place: the kernel for CUDA tensors, the twin otherwise.
+The torch twin (`attention_torch`) is the definition; the Triton kernel beside it must match it.
+`attention` picks one of the two in one place: the kernel for CUDA tensors, the twin otherwise.
 
 What the kernel fuses (FlashAttention-2, Dao 2023): scores, soft-cap, masks, softmax and the product with V,
 one tile of BLOCK_M queries at a time, with an online softmax over tiles of BLOCK_N keys. The twin writes
@@ -33,81 +31,31 @@ import triton.language as tl
 
 # --- torch twin: the reference definition ---------------------------------------------------------
 
-def visible(T, window, attention_mask, device):
-    """(B or 1, 1, 1, T, T) bool: which keys s each query t sees (causal, window, real keys)."""
-    t = torch.arange(T, device=device)
-    allowed = t[None, :] <= t[:, None]                           # (T, T): causal, key s <= query t
-    if window is not None:                                       # sliding window: t - s < window
-        allowed = allowed & (t[:, None] - t[None, :] < window)
-    allowed = allowed[None, None, None]                          # (1, 1, 1, T, T)
-    if attention_mask is not None:                               # (B, T): 1 for real tokens, 0 for padding
-        allowed = allowed & attention_mask.bool()[:, None, None, None, :]
-    return allowed
-
-
-def attention_math(q, k, v, *, scale, softcap=None, window=None, attention_mask=None):
-    """The definition, as plain torch operations: o (B, H, T, E) in v's dtype, and what the backward pass
-    reuses. Scores and softmax in fp32 at least (fp64 stays fp64 for tests), whatever autocast says."""
-    B, H, T, E = q.shape
-    K = k.shape[1]
-    G = H // K                                                   # query heads per key/value head
-    acc = torch.promote_types(q.dtype, torch.float32)
-    # Query head h = j G + g reads key/value head j: as (B, K, G T, E), one matmul per key/value head
-    # covers its G query heads, with no copies of k or v.
-    qg = q.reshape(B, K, G * T, E).to(acc)
-    kf = k.to(acc)
-    s = (qg @ kf.transpose(-1, -2)) * scale                      # (B, K, G T, T)
-    th = None
-    if softcap is not None:                                      # Gemma 2: soft-capped attention logits
-        th = torch.tanh(s / softcap)
-        s = softcap * th
-    allowed = visible(T, window, attention_mask, q.device)
-    # A large finite negative rather than -inf: a query with no visible key (padding past a window)
-    # gets a harmless uniform average instead of NaN.
-    s = s.view(B, K, G, T, T).masked_fill(~allowed, torch.finfo(acc).min)
-    p = torch.softmax(s, dim=-1).view(B, K, G * T, T)            # (B, K, G T, T)
-    o = p.to(v.dtype) @ v                                        # (B, K, G T, E)
-    return o.view(B, H, T, E), (qg, kf, p, th, allowed)
-
-
-class _TwinAttention(torch.autograd.Function):
-    """attention_math as one autograd node, with the backward pass written out: the same formulas as the Triton
-    kernel's (FlashAttention-2), on the saved probabilities instead of recomputed ones. Autograd through
-    attention_math gives the same gradients (tested) in more operations and nodes, each with its dispatch cost:
-    with RoPE, the default model's 30 layers of attention, forward and backward, took 30-33 ms against
-    34-41 ms (bf16 inputs of a training batch, 2-core CPU)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, softcap, window, attention_mask):
-        with torch.autocast(q.device.type, enabled=False):      # fp32 scores even in bf16 training
-            o, (qg, kf, p, th, allowed) = attention_math(q, k, v, scale=scale, softcap=softcap, window=window,
-                                                         attention_mask=attention_mask)
-        ctx.save_for_backward(qg, kf, v, p, th, allowed)
-        ctx.args = scale, softcap, q.dtype, k.dtype
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        qg, kf, v, p, th, allowed = ctx.saved_tensors
-        scale, softcap, q_dtype, k_dtype = ctx.args
-        B, H, T, E = do.shape
-        K = v.shape[1]
-        with torch.autocast(do.device.type, enabled=False):
-            do = do.to(v.dtype).reshape(B, K, H // K * T, E)      # (B, K, G T, E)
-            dv = p.to(v.dtype).transpose(-1, -2) @ do              # dV = P^T dO, summed over the G heads
-            dp = (do @ v.transpose(-1, -2)).to(p.dtype)            # dP = dO V^T
-            ds = p * (dp - (dp * p).sum(-1, keepdim=True))         # softmax: dS = P (dP - rowsum(dP P))
-            ds = ds.view(B, K, -1, T, T).masked_fill(~allowed, 0).view_as(p)   # masked scores get none
-            if softcap is not None:
-                ds = ds * (1 - th * th)                           # d/dx c tanh(x / c) = 1 - tanh^2
-            ds = ds * scale
-            dq = (ds @ kf).view(B, H, T, E).to(q_dtype)           # dQ = dS K
-            dk = (ds.transpose(-1, -2) @ qg).to(k_dtype)          # dK = dS^T Q, summed over the G heads
-        return dq, dk, dv, None, None, None, None
-
-
 def attention_torch(q, k, v, *, scale, softcap=None, window=None, attention_mask=None):
-    return _TwinAttention.apply(q, k, v, scale, softcap, window, attention_mask)
+    with torch.autocast(q.device.type, enabled=False):          # bf16 training: the scores still in fp32
+        B, H, T, E = q.shape
+        K = k.shape[1]
+        G = H // K                                               # query heads per key/value head
+        acc = torch.promote_types(q.dtype, torch.float32)        # fp32 at least (fp64 stays fp64 for tests)
+        # Query head h = j G + g reads key/value head j: as (B, K, G T, E), one matmul per key/value head
+        # covers its G query heads, with no copies of k or v.
+        qg = q.reshape(B, K, G * T, E).to(acc)
+        s = (qg @ k.to(acc).transpose(-1, -2)).view(B, K, G, T, T) * scale   # (B, K, G, T, T) fp32
+        if softcap is not None:                                  # Gemma 2: soft-capped attention logits
+            s = softcap * torch.tanh(s / softcap)
+        t = torch.arange(T, device=q.device)
+        allowed = t[None, :] <= t[:, None]                       # (T, T): causal, key s <= query t
+        if window is not None:                                   # sliding window: t - s < window
+            allowed = allowed & (t[:, None] - t[None, :] < window)
+        allowed = allowed[None, None, None]                      # (1, 1, 1, T, T)
+        if attention_mask is not None:                           # (B, T): 1 for real tokens, 0 for padding
+            allowed = allowed & attention_mask.bool()[:, None, None, None, :]
+        # A large finite negative rather than -inf: a query with no visible key (padding past a window)
+        # gets a harmless uniform average instead of NaN.
+        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+        p = torch.softmax(s, dim=-1)                             # fp32 softmax
+        o = p.to(v.dtype).view(B, K, G * T, T) @ v               # (B, K, G T, E)
+        return o.view(B, H, T, E)
 
 
 # --- Triton kernels: helpers shared by the forward and backward passes -----------------------------
