@@ -132,6 +132,7 @@ class AdamInBackward:
 
     def __init__(self, params, lr):
         self.lr = lr
+        self.fused = all(p.device.type in ("cpu", "cuda") for p in params)   # where PyTorch's fused kernel exists
         self.state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in params}   # Adam's moments m and v
         self.steps = {}                                                      # t, one tensor per device
         for p in params:
@@ -147,7 +148,7 @@ class AdamInBackward:
     def _step(self, p):
         m, v = self.state[p]
         t = self.steps[p.device]
-        if p.device.type in ("cpu", "cuda"):                      # where the fused kernel exists
+        if self.fused:
             torch._fused_adam_([p], [p.grad], [m], [v], [], [t], lr=self.lr, beta1=self.betas[0],
                                beta2=self.betas[1], weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
         else:
