@@ -13,7 +13,8 @@ plain `torch.optim.Adam(params, lr)` gives, stepped after backward (`--hf-fused-
 glibc's default malloc (`--hf-keep-freed`: train.py's setting too).
 Every contender owns its weights in memory before the clock starts, and builds its optimizer inside the first
 timed step.
-Prints the throughput ratio, both final ranks and peak memories.
+Prints the throughput ratio, both final ranks and peak memories, and this CPU's fp32 and bf16 matmul rates (what
+bf16 can gain on the matmuls at most).
 """
 import argparse
 import math
@@ -36,6 +37,24 @@ from model import from_pretrained, load_tokenizer, resolve       # noqa: E402
 def rss_mib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def matmul_rates(threads, shapes=((64, 576, 1536), (1024, 1024, 1024))):
+    """GFLOP/s of this CPU's fp32 and bf16 matmuls, best of 10: what bf16 can gain on the matmuls at most.
+    (64, 576, 1536) is a default-model step's projection (8 x 8 tokens, D, F); 1024^3 is near peak."""
+    torch.set_num_threads(threads)
+    rates = {}
+    for M, K, N in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(M, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
+            times = []
+            for _ in range(13):
+                t0 = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - t0)
+            best = min(times[3:])                                 # 3 warm-up calls, then the best of 10
+            rates[(M, K, N), dtype] = 2 * M * K * N / best / 1e9
+    return rates
 
 
 def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
@@ -197,6 +216,11 @@ def main():
             if k != "transformers":
                 print(f"throughput {k} / transformers: {result['transformers'][0] / result[k][0]:.2f}x total, "
                       f"{result['transformers'][1] / result[k][1]:.2f}x median step")
+    rates = matmul_rates(args.threads)                            # after the workers: the machine is quiet
+    for shape in sorted({s for s, _ in rates}):
+        f32, b16 = rates[shape, torch.float32], rates[shape, torch.bfloat16]
+        print(f"matmul {'x'.join(map(str, shape))} on {args.threads} threads: fp32 {f32:.0f} GFLOP/s, "
+              f"bf16 {b16:.0f} GFLOP/s ({b16 / f32:.1f}x)")
     print("peak MiB: the worker's peak resident memory (model, optimizer state, activations); "
           "train MiB: peak minus the resident memory after loading. transformers' peak also holds the file-mapped "
           "pages of the block weights it was given copies of (about 0.4 GiB for the default model): compare train MiB")
