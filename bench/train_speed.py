@@ -31,7 +31,7 @@ if __package__ in (None, ""):                                     # run as a fil
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data                                                       # noqa: E402
 import train                                                      # noqa: E402
-from model import from_pretrained, load_tokenizer, resolve       # noqa: E402
+from model import from_pretrained, load_config, load_tokenizer, resolve   # noqa: E402
 
 
 def rss_mib():
@@ -39,9 +39,8 @@ def rss_mib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def matmul_rates(threads, shapes=((64, 576, 1536), (1024, 1024, 1024))):
-    """GFLOP/s of this CPU's fp32 and bf16 matmuls, best of 10: what bf16 can gain on the matmuls at most.
-    (64, 576, 1536) is a default-model step's projection (8 x 8 tokens, D, F); 1024^3 is near peak."""
+def matmul_rates(threads, shapes):
+    """GFLOP/s of this CPU's fp32 and bf16 (M, K, N) matmuls, best of 10: what bf16 can gain on matmuls at most."""
     torch.set_num_threads(threads)
     rates = {}
     for M, K, N in shapes:
@@ -192,7 +191,8 @@ def main():
                 times[k].append(t)
                 losses[k].append(loss)
             step += 1
-    tokens = int(data.encode_examples(load_tokenizer(path), facts)[1].sum()) * args.epochs   # mask: real tokens
+    fact_mask = data.encode_examples(load_tokenizer(path), facts)[1]                       # (N, T)
+    tokens = int(fact_mask.sum()) * args.epochs                                              # real tokens
     print(f"{args.dataset}: {total} steps of batch {args.batch_size}, {tokens} training tokens; "
           f"{args.threads} threads per worker; transformers' Adam: {'fused' if args.hf_fused_adam else 'default'}, "
           f"its malloc: {'ours (keep_freed_memory)' if args.hf_keep_freed else 'default'}")
@@ -216,8 +216,12 @@ def main():
             if k != "transformers":
                 print(f"throughput {k} / transformers: {result['transformers'][0] / result[k][0]:.2f}x total, "
                       f"{result['transformers'][1] / result[k][1]:.2f}x median step")
-    rates = matmul_rates(args.threads)                            # after the workers: the machine is quiet
-    for shape in sorted({s for s, _ in rates}):
+    # The machine's own matmul rates, after the workers (the machine is quiet): a full batch through an MLP
+    # projection (B T, D) x (D, F), and a large square one, near the peak rate.
+    cfg = load_config(Path(path))
+    projection = (args.batch_size * fact_mask.shape[1], cfg.dim, cfg.ffn_dim)
+    rates = matmul_rates(args.threads, [projection, (1024, 1024, 1024)])
+    for shape in [projection, (1024, 1024, 1024)]:
         f32, b16 = rates[shape, torch.float32], rates[shape, torch.bfloat16]
         print(f"matmul {'x'.join(map(str, shape))} on {args.threads} threads: fp32 {f32:.0f} GFLOP/s, "
               f"bf16 {b16:.0f} GFLOP/s ({b16 / f32:.1f}x)")
