@@ -134,16 +134,15 @@ class AdamInBackward:
         self.lr = lr
         self.fused = all(p.device.type in ("cpu", "cuda") for p in params)   # where PyTorch's fused kernel exists
         self.state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in params}   # Adam's moments m and v
-        self.steps = {}                                                      # t, one tensor per device
-        for p in params:
-            self.steps.setdefault(p.device, torch.zeros((), dtype=torch.float32, device=p.device))
+        self.steps = {d: torch.zeros((), dtype=torch.float32, device=d)     # t, one tensor per device
+                      for d in {p.device for p in params}}
         self.hooks = [p.register_post_accumulate_grad_hook(self._step) for p in params]
 
     def start_step(self, lr):
         """Call once before each backward(): the learning rate of this step, and t += 1."""
         self.lr = lr
         for t in self.steps.values():
-            t += 1
+            t.add_(1)                                             # in place: the fused kernel reads this tensor
 
     def _step(self, p):
         m, v = self.state[p]
