@@ -220,8 +220,9 @@ def main():
     # projection (B T, D) x (D, F), and a large square one, near the peak rate.
     cfg = load_config(Path(path))
     projection = (args.batch_size * fact_mask.shape[1], cfg.dim, cfg.ffn_dim)
-    rates = matmul_rates(args.threads, [projection, (1024, 1024, 1024)])
-    for shape in [projection, (1024, 1024, 1024)]:
+    shapes = [projection, (1024, 1024, 1024)]
+    rates = matmul_rates(args.threads, shapes)
+    for shape in shapes:
         f32, b16 = rates[shape, torch.float32], rates[shape, torch.bfloat16]
         print(f"matmul {'x'.join(map(str, shape))} on {args.threads} threads: fp32 {f32:.0f} GFLOP/s, "
               f"bf16 {b16:.0f} GFLOP/s ({b16 / f32:.1f}x)")
