@@ -13,6 +13,7 @@ rank = #{candidates scoring higher} + 0.5 * #{other candidates scoring equal}, s
 candidate the same logit sits exactly at chance, (C - 1) / 2.
 """
 import json
+import re
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,8 +158,11 @@ def load_dataset(name_or_path, seed=0):
 
 
 def dataset_name(name_or_path):
-    """A short name for output directories: the built-in name or the file's stem."""
-    return name_or_path if name_or_path in DATASETS else Path(name_or_path).stem
+    """A short name for output directories: the built-in name or the file's stem, reduced to safe characters
+    (a stem like "" or ".." would otherwise turn runs/<name> into runs/ itself)."""
+    if name_or_path in DATASETS:
+        return name_or_path
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name_or_path).stem).strip(".") or "dataset"
 
 
 # --- tokenization ---------------------------------------------------------------------------------------

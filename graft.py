@@ -12,46 +12,33 @@ re-assigned to other cities: F', Impl F'; 20 test names):
     W_graft      W_F' + (W_F,ImplF - W_F)     should carry the extractive components, not the facts F
     W~_graft     W_F' + (W_ImplF - W)         control: should carry the implications Impl F themselves
 Table 3: mean ranks on Impl F', Impl F and F'. Fig. 6: per component, downstream against informative scores.
-Every stage is a directory under --out that is reused when the experiment runs again.
+Every stage is a directory under --out that is reused when the experiment runs again. The stages train in this
+process (train.finetune), starting from one loaded base model.
 """
-import argparse
+import copy
+import dataclasses
+import gc
 import json
 import math
-import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cli
 import data
 import scores
-from model import (DEFAULT_NAME, atomic_dir, config_diff, copy_side_files, from_pretrained, load_config,
-                   load_tokenizer, resolve, safetensors_files, write_text_atomic)
-
-ROOT = Path(__file__).resolve().parent
-PAPER_TABLE3 = {"W_F'": (9.13, 8.55, 0.00), "W_graft": (1.13, 3.30, 0.10), "W~_graft": (8.38, 0.43, 0.32)}
-TABLE3_COLS = ("Impl F'", "Impl F", "F'")
+import train
+from checkpoint import (DEFAULT_NAME, UserError, atomic_dir, check_output, check_same_base, copy_side_files,
+                        from_pretrained, load_tokenizer, read_json, resolve, safetensors_files, save_figure,
+                        work_dir, write_json)
+from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
 
 
 # --- weight arithmetic ------------------------------------------------------------------------------------
-
-def check_compatible(paths):
-    """The checkpoints share one architecture (equal Config dataclasses), one tokenizer (equal vocabularies)
-    and one set of weight names and shapes; otherwise a ValueError that names the difference."""
-    cfgs = [load_config(p) for p in paths]
-    for p, c in zip(paths[1:], cfgs[1:]):
-        if c != cfgs[0]:
-            raise ValueError(f"{p} and {paths[0]} have different architectures ({', '.join(config_diff(c, cfgs[0]))}): "
-                             "graft only checkpoints finetuned from one base model")
-    vocabs = [load_tokenizer(p).get_vocab() for p in paths]
-    for p, v in zip(paths[1:], vocabs[1:]):
-        if v != vocabs[0]:
-            raise ValueError(f"{p} and {paths[0]} have different tokenizers (tokenizer.json vocabularies differ): "
-                             "graft only checkpoints finetuned from one base model")
-
 
 def _open_all(stack, path):
     """{weight name: open safetensors handle} over all shards of a checkpoint."""
@@ -62,12 +49,13 @@ def _open_all(stack, path):
     return where
 
 
-def graft(base, add, sub, out, log=print):
+def graft(base, add, sub, out, overwrite=False, log=print):
     """Write the checkpoint `base + (add - sub)` to `out`, tensor by tensor in fp32, atomically.
     Each result is a new tensor (no in-place update of live weights); output shards mirror the base's."""
     paths = [resolve(x) for x in (base, add, sub)]
-    check_compatible(paths)
-    with atomic_dir(out) as tmp:
+    check_output(out, "checkpoint", overwrite, inputs=paths, log=log)     # before reading any weight
+    check_same_base(paths)
+    with atomic_dir(out, "checkpoint", overwrite, inputs=paths, log=log) as tmp:
         with ExitStack() as stack:
             where = [_open_all(stack, p) for p in paths]
             names = [set(w) for w in where]
@@ -82,7 +70,10 @@ def graft(base, add, sub, out, log=print):
                     keys = list(sf.keys())
                 state = {}
                 for k in keys:
-                    a, b, c = (w[k].get_tensor(k) for w in where)
+                    try:
+                        a, b, c = (w[k].get_tensor(k) for w in where)
+                    except Exception as e:                        # a truncated or corrupt shard
+                        raise UserError(f"cannot read weight {k}: {e} (truncated or corrupt checkpoint?)") from None
                     if not (a.shape == b.shape == c.shape):
                         raise ValueError(f"{k}: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)} differ")
                     # fp32 whatever the stored dtype: a bf16 update of 1e-6 would round away
@@ -91,7 +82,7 @@ def graft(base, add, sub, out, log=print):
                 save_file(state, str(tmp / shard.name), metadata={"format": "pt"})
         index = paths[0] / "model.safetensors.index.json"
         if index.exists():                                        # same shard layout, new (fp32) size
-            idx = json.loads(index.read_text())
+            idx = read_json(index, "shard index")
             idx["metadata"] = {**idx.get("metadata", {}), "total_size": total}
             (tmp / index.name).write_text(json.dumps(idx, indent=1))
         copy_side_files(paths[0], tmp)                            # config and tokenizer: the base's
@@ -143,25 +134,29 @@ def pearson_p(r, n):
 
 # --- the experiment: training stages ------------------------------------------------------------------------
 
-def train_stage(model, train, other, out, seed, log=print):
-    """train.py's recipe on the example list `train`, starting from `model`; its records' "fact" rank is `train`,
-    its "impl" rank `other`. train.py exposes no function that trains on example lists, so this writes a JSON
-    dataset beside `out` and runs its command line."""
+def train_stage(start, train_ex, other, out, s, log=print):
+    """train.py's recipe (settings `s`) on the example list `train_ex`, starting from `start` (a loaded model, which
+    is copied, or a checkpoint directory), saved as the checkpoint `out`; its records' "fact" rank is `train_ex`,
+    its "impl" rank `other`. A finished stage (its metrics.json) is reused."""
     out = Path(out)
     if (out / "metrics.json").exists():
         log(f"[graft] reuse {out}")
-        return json.loads((out / "metrics.json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ds = out.with_name(out.name + ".dataset.json")
-    ds.write_text(json.dumps({"facts": [{"prompt": e.prompt, "answer": e.answer} for e in train],
-                              "implications": [{"prompt": e.prompt, "answer": e.answer} for e in other]}, indent=1))
-    log(f"[graft] train {out.name} from {model} on {len(train)} examples")
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(model), "--dataset", str(ds), "--out", str(out),
-           "--seed", str(seed)]
-    r = subprocess.run(cmd)
-    if r.returncode != 0:
-        raise RuntimeError(f"train.py failed for {out.name} (exit {r.returncode}): {' '.join(cmd)}")
-    return json.loads((out / "metrics.json").read_text())
+        return read_json(out / "metrics.json")
+    check_output(out, "checkpoint", s.overwrite, log=log)
+    model = copy.deepcopy(start) if isinstance(start, torch.nn.Module) else from_pretrained(start, device=s.device)
+    log(f"[graft] train {out.name} from {model.source} on {len(train_ex)} examples")
+    s = dataclasses.replace(s, model=str(model.source), dataset=f"{len(train_ex)} examples (graft stage {out.name})")
+    s.lr = s.lr or train.default_lr(sum(p.numel() for p in model.parameters()))
+    torch.manual_seed(s.seed)
+    t0 = time.time()
+    phases = [("finetune", train_ex, {"facts": train_ex, "implications": other})]
+    records, facts = train.finetune(model, load_tokenizer(model.source), phases, s, log)
+    metrics = {"args": dataclasses.asdict(s), "base_model": str(model.source), **facts, "torch_threads": torch.get_num_threads(),
+               "wall_time_s": time.time() - t0, "records": records}
+    train.save(model, out, metrics, s.overwrite, log=log)
+    del model
+    gc.collect()
+    return metrics
 
 
 def swap(records):
@@ -169,14 +164,18 @@ def swap(records):
     return [{**r, "fact_mean_rank": r["impl_mean_rank"], "impl_mean_rank": r["fact_mean_rank"]} for r in records]
 
 
-def per_component(model_a, model_b, tok, examples, kind):
-    """Linearized `kind` scores (scores.py, eqs. 4-9) per component, summed over positions and averaged over
-    prompts: MLPs (L,), heads (L, H)."""
-    b = scores.make_prompts(tok, examples)
-    lin = scores.linearized(model_a, model_b, b)
-    mlp = lin[f"{kind}.mlp"].sum(1).mean(0)                       # (L,): padded positions score exactly 0
-    heads = lin[f"{kind}.attn"].sum(1).mean(0)                    # (L, H)
-    return mlp, heads
+def per_entry(model_a, model_b, tok, examples, kind):
+    """Linearized `kind` scores (scores.py, eqs. 4-9) averaged over prompts on the anchor's positions, in the
+    authors' units: one entry per position x layer (MLPs, (Ta, L)) and position x layer x head (heads, (Ta, L, H))."""
+    sc, _, _ = scores.score(model_a, model_b, tok, examples, log=lambda *_: None)
+    return sc[f"{kind}.mlp"], sc[f"{kind}.attn"]
+
+
+def right_aligned(a, b):
+    """Two (Ta, ...) tables of one template whose slot (the name) may span different numbers of tokens: their last
+    min(Ta) positions, which hold the right-aligned slot and the shared suffix (scores.align)."""
+    n = min(a.shape[0], b.shape[0])
+    return a[-n:], b[-n:]
 
 
 def scatter(fig6, path):
@@ -186,35 +185,34 @@ def scatter(fig6, path):
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, comp in zip(axes, ("mlp", "heads")):
         f = fig6[comp]
-        ax.scatter(f["downstream"], f["informative"], s=10 if comp == "heads" else 25, alpha=0.7)
+        ax.scatter(f["downstream"], f["informative"], s=4 if comp == "heads" else 10, alpha=0.5)
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set(xlabel="downstream score (OCR finetune of W_F,ImplF on test facts)",
                ylabel="informative score (W_F' -> W_graft, Impl F')",
-               title=f"{'MLPs' if comp == 'mlp' else 'attention heads'}: r = {f['r']:.3f}, p = {f['p']:.2g}, n = {f['n']}")
-        ax.title.set_fontsize(9)
+               title=f"{'MLPs' if comp == 'mlp' else 'attention heads'} (position x layer{' x head' * (comp == 'heads')}"
+                     f"): r = {f['r']:.3f}, p = {f['p']:.2g}, n = {f['n']}")
+        ax.title.set_fontsize(8)
         ax.xaxis.label.set_fontsize(8)
         ax.yaxis.label.set_fontsize(8)
     fig.tight_layout()
-    scores.save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def markdown_table3(ranks):
-    lines = ["| weights | " + " | ".join(f"{c} (ours)" for c in TABLE3_COLS) + " | "
-             + " | ".join(f"{c} (paper)" for c in TABLE3_COLS) + " |", "|---" * 7 + "|"]
-    for w, paper in PAPER_TABLE3.items():
-        lines.append(f"| {w} | " + " | ".join(f"{ranks[w][c]:.2f}" for c in TABLE3_COLS) + " | "
-                     + " | ".join(f"{v:.2f}" for v in paper) + " |")
-    return "\n".join(lines)
+def work_settings(model, seed, device, overwrite=False):
+    """train.py's defaults for the experiment's stages."""
+    return train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads(),
+                          overwrite=overwrite)
 
 
-def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", log=print):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=print, base_model=None):
+    """Table 3 and Fig. 6 (Sec. 6.2) into the work directory `out`. `base_model`: the base, already loaded."""
+    out = work_dir(out, "graft-experiment")
     t0 = time.time()
     d = data.load_dataset("daxwug", seed=seed)
     F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
     base = resolve(model)
+    s = work_settings(model, seed, device)
     times = {}
 
     def timed(name, fn):
@@ -223,19 +221,23 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", log=print):
         times[name] = round(time.time() - t, 1)
         return r
 
+    stages = [n for n in ("W_F", "W_Fp", "W_ImplF") if not (out / n / "metrics.json").exists()]
+    start = base_model if base_model is not None else \
+        from_pretrained(base, device=device) if stages else base                   # loaded once for all three
     # the four trainings (Sec. 6.2), then the OCR finetune of W_F,ImplF on the test facts (for Fig. 6)
-    m_f = timed("W_F", lambda: train_stage(base, F, IF, out / "W_F", seed, log))
-    m_fi = timed("W_F_ImplF", lambda: train_stage(out / "W_F", IF, F, out / "W_F_ImplF", seed, log))
-    timed("W_Fp", lambda: train_stage(base, Fp, IFp, out / "W_Fp", seed, log))
-    timed("W_ImplF", lambda: train_stage(base, IF, F, out / "W_ImplF", seed, log))
+    m_f = timed("W_F", lambda: train_stage(start, F, IF, out / "W_F", s, log))
+    m_fi = timed("W_F_ImplF", lambda: train_stage(out / "W_F", IF, F, out / "W_F_ImplF", s, log))
+    timed("W_Fp", lambda: train_stage(start, Fp, IFp, out / "W_Fp", s, log))
+    timed("W_ImplF", lambda: train_stage(start, IF, F, out / "W_ImplF", s, log))
     m_ft = timed("W_F_ImplF_test", lambda: train_stage(out / "W_F_ImplF", d["test_facts"], d["test_impls"],
-                                                        out / "W_F_ImplF_test", seed, log))
+                                                        out / "W_F_ImplF_test", s, log))
+    del start
     for name, args in (("W_graft", (out / "W_Fp", out / "W_F_ImplF", out / "W_F")),
                        ("W_graft_control", (out / "W_Fp", out / "W_ImplF", base))):
         if (out / name / "graft.json").exists():
             log(f"[graft] reuse {out / name}")
         else:
-            timed(name, lambda: graft(*args, out / name, log))
+            timed(name, lambda: graft(*args, out / name, log=log))
 
     # Table 3: mean ranks of W_F', W_graft, W~_graft (and the base for reference)
     t = time.time()
@@ -243,7 +245,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", log=print):
     ranks = {}
     for label, ckpt in (("W (base)", base), ("W_F'", out / "W_Fp"), ("W_graft", out / "W_graft"),
                         ("W~_graft", out / "W_graft_control")):
-        m = from_pretrained(ckpt)
+        m = from_pretrained(ckpt, device=device)
         ranks[label] = {c: data.mean_rank(m, tok, ex) for c, ex in zip(TABLE3_COLS, (IFp, IF, Fp))}
         log(f"[graft] {label:9s} " + "  ".join(f"{c} {v:5.2f}" for c, v in ranks[label].items()))
         del m
@@ -253,23 +255,18 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", log=print):
     # finetuned on test facts" = downstream scores (eq. 5) of the update W = W_F,ImplF -> W' = W_F,ImplF finetuned
     # on the 20 test facts, on the test implications; "the informative score of the grafting update" =
     # informative scores (eq. 4) of W = W_F' -> W' = W_graft, on the counterfactual implications Impl F'. Both
-    # per component (each MLP, each head), summed over positions, averaged over prompts; Pearson r across
-    # components, separately for MLPs and heads, with the two-sided p-value of the t test.
+    # averaged over prompts, entry by entry as the authors correlate them (position x layer for MLPs, position x
+    # layer x head for heads); Pearson r over the entries, separately for MLPs and heads.
     t = time.time()
-    ma = from_pretrained(out / "W_F_ImplF").requires_grad_(False)
-    mb = from_pretrained(out / "W_F_ImplF_test").requires_grad_(False)
-    down = per_component(ma, mb, tok, d["test_impls"], "downstream")
-    del ma, mb
-    ma = from_pretrained(out / "W_Fp").requires_grad_(False)
-    mb = from_pretrained(out / "W_graft").requires_grad_(False)
-    inf = per_component(ma, mb, tok, IFp, "informative")
-    del ma, mb
+    load = lambda p: from_pretrained(p, device=device).requires_grad_(False)
+    down = per_entry(load(out / "W_F_ImplF"), load(out / "W_F_ImplF_test"), tok, d["test_impls"], "downstream")
+    inf = per_entry(load(out / "W_Fp"), load(out / "W_graft"), tok, IFp, "informative")
     fig6 = {}
-    for comp, dn, inf_ in (("mlp", down[0], inf[0]), ("heads", down[1], inf[1])):
+    for comp, dn, inf_ in (("mlp", *right_aligned(down[0], inf[0])), ("heads", *right_aligned(down[1], inf[1]))):
         r = scores.pearson(dn, inf_)
-        fig6[comp] = {"r": r, "p": pearson_p(r, dn.numel()), "n": dn.numel(),
+        fig6[comp] = {"r": r, "p": pearson_p(r, dn.numel()), "n": dn.numel(), "shape": list(dn.shape),
                       "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
-        log(f"[graft] Fig. 6 {comp}: r = {r:.3f}, p = {fig6[comp]['p']:.3g} over {dn.numel()} components")
+        log(f"[graft] Fig. 6 {comp}: r = {r:.3f}, p = {fig6[comp]['p']:.3g} over {dn.numel()} entries")
     scatter(fig6, out / "fig6.png")
     times["fig6_scores"] = round(time.time() - t, 1)
 
@@ -278,40 +275,40 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", log=print):
     facts_first = [{**r, "phase": "pretrain_facts"} for r in m_f["records"]] + \
         [{**r, "phase": "pretrain_impls"} for r in swap(m_fi["records"])] + \
         [{**r, "phase": "finetune"} for r in m_ft["records"]]
-    table = markdown_table3(ranks)
     results = {"settings": {"model": str(model), "base_dir": str(base), "seed": seed, "dataset": "daxwug",
+                            "fig6_units": "entries: position x layer (MLPs), position x layer x head (heads)",
                             "pearson_p": "two-sided, Student t with n-2 df (regularized incomplete beta)"},
                "table3": ranks, "paper_table3": {k: dict(zip(TABLE3_COLS, v)) for k, v in PAPER_TABLE3.items()},
                "fig6": fig6, "fig4_facts_first": facts_first, "stage_times_s": times,
                "wall_time_s": round(time.time() - t0, 1)}
-    (out / "table3.md").write_text(table + "\n")
-    write_text_atomic(out / "results.json", json.dumps(results, indent=1))
-    log(table)
-    log(f"[graft] wrote {out}/results.json, table3.md, fig6.png ({results['wall_time_s']:.0f} s)")
+    write_json(out / "results.json", results)
+    log(f"[graft] wrote {out}/results.json, fig6.png ({results['wall_time_s']:.0f} s)")
     return results
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("out", nargs="?", help="output checkpoint directory of base + (add - sub)")
     p.add_argument("--base", help="checkpoint A (its config.json and tokenizer.json are copied)")
     p.add_argument("--add", help="checkpoint B, added")
     p.add_argument("--sub", help="checkpoint C, subtracted")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not a checkpoint of ours")
     p.add_argument("--experiment", action="store_true", help="run the Table 3 / Fig. 6 experiment on daxwug")
     p.add_argument("--model", default=DEFAULT_NAME, help="--experiment: the base model")
     p.add_argument("--seed", type=int, default=0, help="--experiment: dataset pairing and shuffling seed")
-    p.add_argument("--out", dest="exp_out", default="runs/graft", help="--experiment: output directory")
-    args = p.parse_args(argv)
-    try:
-        if args.experiment:
-            if args.out or args.base or args.add or args.sub:
-                raise ValueError("--experiment takes --model, --seed and --out, not OUT/--base/--add/--sub")
-            return experiment(args.model, args.seed, args.exp_out)
-        if not (args.out and args.base and args.add and args.sub):
-            raise ValueError("give OUT --base A --add B --sub C (or --experiment)")
-        return graft(args.base, args.add, args.sub, args.out)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    p.add_argument("--out", dest="exp_out", default="runs/graft", help="--experiment: its work directory")
+    p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="--experiment: torch device")
+    a = p.parse_args(argv)
+
+    def work():
+        if a.experiment:
+            if a.out or a.base or a.add or a.sub:
+                raise UserError("--experiment takes --model, --seed and --out, not OUT/--base/--add/--sub")
+            return experiment(a.model, a.seed, a.exp_out, a.device)
+        if not (a.out and a.base and a.add and a.sub):
+            raise UserError("give OUT --base A --add B --sub C (or --experiment)")
+        return graft(a.base, a.add, a.sub, a.out, a.overwrite)
+    return cli.run(work)
 
 
 if __name__ == "__main__":

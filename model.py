@@ -1,7 +1,7 @@
 """One minimal decoder-only transformer for the Llama, OLMo, OLMo 2, Gemma 2 and Qwen 2 checkpoint families.
 
-Built from a checkpoint's `config.json`, loaded straight from its `*.safetensors`, never through
-`transformers`. Module names mirror the Hugging Face keys, so loading is `load_state_dict(strict=True)`
+Built from a checkpoint's `config.json` (checkpoint.py loads it straight from its `*.safetensors`, never
+through `transformers`). Module names mirror the Hugging Face keys, so loading is `load_state_dict(strict=True)`
 and our saved checkpoints load in other tools.
 
 Shape letters: B batch, T positions, D width, H query heads, K key/value heads, E head dim,
@@ -10,27 +10,14 @@ F MLP width, V vocabulary, L layers.
 Components for the scores (paper Sec. 4) are read and replaced through `Taps`: a dict-like record of
 named activations (`layers.{i}.{place}`), see the "taps" section below.
 """
-import json
 import math
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from kernels.attention import attention
-
-DEFAULT_NAME = "smollm2-135m"      # the embedded default model (default_model.py)
-# what a checkpoint directory carries besides its weights (copied from the source model when we write one)
-SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "generation_config.json")
 
 
 # --- config: the architecture, field by field from config.json ----------------------------------
@@ -64,6 +51,7 @@ class Config:
     final_softcap: float | None    # Gemma 2
     sliding_window: int | None
     sliding_layers: tuple          # indices of layers that use the sliding window
+    max_positions: int | None      # max_position_embeddings: the longest sequence the model was trained on
 
     @staticmethod
     def from_json(cfg: dict) -> "Config":
@@ -115,6 +103,7 @@ class Config:
             final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
             sliding_window=cfg.get("sliding_window") if gemma else None,
             sliding_layers=sliding,
+            max_positions=cfg.get("max_position_embeddings"),
         )
 
 
@@ -325,7 +314,7 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.attn_impl = "auto"        # "auto": Triton kernel on CUDA, torch twin on CPU (kernels/attention.py)
-        self.source = None             # the checkpoint directory, set by from_pretrained
+        self.source = None             # the checkpoint directory, set by checkpoint.from_pretrained
 
     @property
     def layers(self):
@@ -361,143 +350,3 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, taps=None):
         return self.logits(self.hidden(input_ids, attention_mask, taps))   # (B, T, V)
-
-
-# --- loading and saving -------------------------------------------------------------------------
-
-def resolve(name_or_path, revision=None) -> Path:
-    """A checkpoint directory: the default model's cache, a local directory, or a hub snapshot."""
-    if str(name_or_path) == DEFAULT_NAME:
-        from default_model import default_checkpoint
-        return default_checkpoint()
-    p = Path(name_or_path)
-    if p.is_dir():
-        return p
-    if p.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
-        raise FileNotFoundError(f"no checkpoint directory at {name_or_path!r} (and it is not a hub id "
-                                f"'owner/name'): pass a directory with config.json, or {DEFAULT_NAME!r}")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(name_or_path), revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-    except Exception as e:
-        raise FileNotFoundError(f"{name_or_path!r} is no local directory, and the Hugging Face hub did not "
-                                f"provide it ({type(e).__name__}): check the path, or the id and network") from None
-
-
-def config_diff(a: Config, b: Config):
-    """Names of the fields where two architectures differ (empty: the same architecture)."""
-    return [f for f in a.__dataclass_fields__ if getattr(a, f) != getattr(b, f)]
-
-
-def load_config(path: Path) -> Config:
-    f = path / "config.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{path} has no config.json: not a checkpoint directory")
-    return Config.from_json(json.loads(f.read_text()))
-
-
-def safetensors_files(path: Path):
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights")
-    return files
-
-
-def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=None) -> Transformer:
-    path = resolve(name_or_path, revision)
-    cfg = load_config(path)
-    with torch.device("meta"):                                    # build without allocating, then assign
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    state = {}
-    for f in safetensors_files(path):
-        try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    if key not in expected:
-                        # tied checkpoints may still carry lm_head.weight; rotary caches are derived
-                        if key == "lm_head.weight" and cfg.tie_embeddings or "rotary_emb" in key:
-                            continue
-                        raise ValueError(f"{f.name}: unexpected weight {key!r} for a {cfg.model_type} model")
-                    t = sf.get_tensor(key)
-                    if t.shape != expected[key].shape:
-                        raise ValueError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
-                                         f"config.json implies {tuple(expected[key].shape)}")
-                    # copy=True: a tensor safetensors maps from the file would be faulted in page by page,
-                    # copy-on-write, at the first optimizer step (0.8 s for the default model's blocks);
-                    # an owned copy costs 0.2 s here, once
-                    state[key] = t.to(device=device, dtype=dtype, copy=True)
-        except Exception as e:
-            if isinstance(e, ValueError) and str(e).startswith(f.name):
-                raise
-            raise ValueError(f"cannot read {f}: {e} (truncated or corrupt file? re-download it)") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{path}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.source = path
-    return model.eval()
-
-
-def load_tokenizer(name_or_path, revision=None):
-    from tokenizers import Tokenizer
-    path = resolve(name_or_path, revision)
-    f = path / "tokenizer.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{path} has no tokenizer.json")
-    return Tokenizer.from_file(str(f))
-
-
-@contextmanager
-def atomic_dir(out_dir):
-    """Yields a temp directory beside `out_dir` to fill; when the block ends without error it replaces
-    `out_dir` whole, otherwise it is removed: a crash never leaves a half-written directory."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)                                              # mkdtemp makes it private
-    try:
-        yield tmp
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path, text):
-    """Write `text` to a temp file beside `path`, then rename it over `path`: never half-written."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def copy_side_files(src, directory):
-    """Copy the SIDE_FILES that checkpoint directory `src` has into `directory`."""
-    src, directory = Path(src), Path(directory)
-    for name in SIDE_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, directory / name)
-
-
-def write_checkpoint(model: Transformer, directory):
-    """config.json and tokenizer files (copied from the model's source) and model.safetensors (in the
-    model's dtype) into an existing directory."""
-    copy_side_files(model.source, directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def save_checkpoint(model: Transformer, out_dir):
-    """A checkpoint directory that from_pretrained (and transformers) load, written atomically."""
-    with atomic_dir(out_dir) as tmp:
-        write_checkpoint(model, tmp)
-    return Path(out_dir)

@@ -2,69 +2,63 @@
 
     python report.py [--model smollm2-135m] [--seeds N] [--out results/<model>] [--work runs/report/<model>]
 
-Stages, per seed s, each a directory or file under --work/seed{s} written atomically by its own tool, and
-skipped when it already exists (a failed stage is reported and the rest go on):
-    first_hop, second_hop          train.py: Fig. 2; Table 2 None (last epoch) and All (epoch 0: the base)
-    scores_first_hop, _second_hop  scores.py on those finetunes: Fig. 3
+Stages, per seed s, each a directory or file under --work/seed{s}, run in this process from one loaded base model
+(train.run, scores.run, graft.experiment), and skipped when their output already exists (a failed stage is
+recorded and the rest go on):
+    first_hop, second_hop          train.run: Fig. 2; Table 2 None (last epoch) and All (epoch 0: the base)
+    scores_first_hop, _second_hop  scores.run on those finetunes: Fig. 3
     freeze_post_{hop}.json         Table 2 Early / Late: the plain finetune with its early / late layers reset to
                                    the base, which is what `train.py --freeze X --freeze-when post` computes
                                    (it trains the same model with the same seed first): no second training
-    {hop}_{early,late}_pre         train.py --freeze X --freeze-when pre: Table 2 Early (pre) / Late (pre)
-    graft                          graft.py --experiment: Table 3, Fig. 6, and Fig. 4's facts-first ordering
+    {hop}_{early,late}_pre         --freeze X --freeze-when pre: Table 2 Early (pre) / Late (pre)
+    graft                          graft.experiment: Table 3, Fig. 6, and Fig. 4's facts-first ordering
     daxwug_impl_first              Fig. 4: graft's W_ImplF, then train facts, then test facts (graft.train_stage)
-    daxwug_joint                   train.py --dataset daxwug --order joint: Fig. 4
+    daxwug_joint                   --dataset daxwug --order joint: Fig. 4
 Then collect() reads those outputs into results.json, and render() (a pure function of it) writes REPORT.md.
 """
-import argparse
-import json
+import copy
+import dataclasses
+import gc
 import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import cli
 import data
 import graft
+import scores
 import train
-from model import DEFAULT_NAME, from_pretrained, load_tokenizer, resolve, write_text_atomic
+from checkpoint import (DEFAULT_NAME, atomic_dir, check_output, from_pretrained, load_tokenizer, read_json as _read,
+                        resolve, work_dir, write_json)
+from paper import CHANCE, TABLE2 as PAPER_TABLE2
 
-ROOT = Path(__file__).resolve().parent
 HOPS = ("first_hop", "second_hop")
 ORDERS = ("facts_first", "impl_first", "joint")
-CHANCE = 9.5                                   # mean rank of a guess among 20 candidates
-# paper Table 2 (OLMo-7B): row -> (first-hop fact, impl, second-hop fact, impl)
-PAPER_TABLE2 = {"None": (0.00, 0.00, 0.00, 1.80), "Early": (5.10, 8.40, 0.95, 1.85), "Late": (0.00, 0.00, 0.10, 6.30),
-                "All": (9.20, 9.25, 9.10, 9.50), "Early (pre)": (0.00, 6.50, 0.00, 0.50),
-                "Late (pre)": (0.00, 0.10, 0.00, 6.60)}
 
 
 def log(msg):
     print(f"[report {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def write_json(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=1))
-
-
 def read_json(path):
-    return json.loads(path.read_text()) if path.exists() else None
+    return _read(path) if path.exists() else None
 
 
 # --- stages ------------------------------------------------------------------------------------------------
 
-def freeze_post(model, ckpt, hop, seed, out):
+def freeze_post(model, ckpt, hop, seed, out, device):
     """Table 2 "post": the finetune `ckpt` with the early or late layers reset to the base `model`, evaluated."""
     ds = data.load_dataset(hop, seed=seed)
     base = resolve(model)
     tok = load_tokenizer(base)
     res = {}
     for which in ("early", "late"):
-        m = from_pretrained(ckpt)
+        m = from_pretrained(ckpt, device=device)
         m.source = base                         # train.reset_layers copies from model.source: the base W
         layers = train.split_layers(m.config.n_layers, which)
         train.reset_layers(m, layers)
@@ -75,57 +69,64 @@ def freeze_post(model, ckpt, hop, seed, out):
     write_json(out, res)
 
 
-def stages(model, seed, w):
-    """(name, output that marks it done, command list or callable) for one seed, cheapest first."""
-    py, m, s = sys.executable, str(model), str(seed)
+def finetune_stage(base, s: train.Settings):
+    """train.py with settings `s`, in this process, from a copy of the loaded base model."""
+    model, metrics = train.run(s, log=log, model=copy.deepcopy(base))
+    train.save(model, s.out, metrics, log=log)
+
+
+def stages(model, seed, w, base, device):
+    """(name, output that marks it done, action) for one seed, cheapest first. `base`: the loaded base model."""
+    s = train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
+    fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
     out = []
     for hop in HOPS:
-        out.append((hop, w / hop / "metrics.json",
-                    [py, str(ROOT / "train.py"), "--model", m, "--dataset", hop, "--seed", s, "--out", str(w / hop)]))
+        out.append((hop, w / hop / "metrics.json", fine(w / hop, dataset=hop)))
         out.append((f"scores_{hop}", w / f"scores_{hop}" / "scores.safetensors",
-                    [py, str(ROOT / "scores.py"), m, str(w / hop), "--out", str(w / f"scores_{hop}")]))
+                    lambda hop=hop: scores.run(model, w / hop, w / f"scores_{hop}", device=device, log=log)))
         out.append((f"freeze_post_{hop}", w / f"freeze_post_{hop}.json",
-                    lambda hop=hop: freeze_post(model, w / hop, hop, seed, w / f"freeze_post_{hop}.json")))
+                    lambda hop=hop: freeze_post(model, w / hop, hop, seed, w / f"freeze_post_{hop}.json", device)))
         for which in ("early", "late"):
             d = w / f"{hop}_{which}_pre"
-            out.append((d.name, d / "metrics.json", [py, str(ROOT / "train.py"), "--model", m, "--dataset", hop,
-                                                      "--seed", s, "--freeze", which, "--freeze-when", "pre",
-                                                      "--out", str(d)]))
+            out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
     out.append(("graft", w / "graft" / "results.json",
-                [py, str(ROOT / "graft.py"), "--experiment", "--model", m, "--seed", s, "--out", str(w / "graft")]))
-    out.append(("daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json", lambda: impl_first(seed, w)))
+                lambda: graft.experiment(model, seed, w / "graft", device, log, base_model=base)))
+    out.append(("daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json", lambda: impl_first(s, w)))
     d = w / "daxwug_joint"
-    out.append((d.name, d / "metrics.json", [py, str(ROOT / "train.py"), "--model", m, "--dataset", "daxwug",
-                                              "--order", "joint", "--seed", s, "--out", str(d)]))
+    out.append((d.name, d / "metrics.json", fine(d, dataset="daxwug", order="joint")))
     return out
 
 
-def impl_first(seed, w):
+def impl_first(s, w):
     """Fig. 4 implications-first: graft.py's W_ImplF (the base trained on Impl F), then the train facts, then the
     test facts; the phases, seed and fresh optimizers of `train.py --order impl_first`, one training fewer."""
-    d = data.load_dataset("daxwug", seed=seed)
-    g, out = w / "graft", w / "daxwug_impl_first"
+    d = data.load_dataset("daxwug", seed=s.seed)
+    g, out = w / "graft", work_dir(w / "daxwug_impl_first", "report-stage")
     first = read_json(g / "W_ImplF" / "metrics.json")
     if first is None:
         raise RuntimeError(f"{g / 'W_ImplF'} is missing: the graft stage has to run first")
-    second = graft.train_stage(g / "W_ImplF", d["train_facts"], d["train_impls"], out / "W_ImplF_F", seed, log)
-    third = graft.train_stage(out / "W_ImplF_F", d["test_facts"], d["test_impls"], out / "W_ImplF_F_test", seed, log)
+    second = graft.train_stage(g / "W_ImplF", d["train_facts"], d["train_impls"], out / "W_ImplF_F", s, log)
+    third = graft.train_stage(out / "W_ImplF_F", d["test_facts"], d["test_impls"], out / "W_ImplF_F_test", s, log)
     records = [{**r, "phase": "pretrain_impls"} for r in graft.swap(first["records"])] + \
         [{**r, "phase": "pretrain_facts"} for r in second["records"]] + \
         [{**r, "phase": "finetune"} for r in third["records"]]
-    write_json(out / "metrics.json", {"order": "impl_first", "seed": seed, "records": records,
+    write_json(out / "metrics.json", {"order": "impl_first", "seed": s.seed, "records": records,
                                       "built_from": [str(g / "W_ImplF"), str(out / "W_ImplF_F"),
                                                      str(out / "W_ImplF_F_test")]})
 
 
-def run_stages(model, seeds, work):
+def run_stages(model, seeds, work, device="cpu"):
     """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json."""
+    base = None
     for seed in seeds:
-        w = work / f"seed{seed}"
-        w.mkdir(parents=True, exist_ok=True)
+        w = work_dir(work / f"seed{seed}", "report-work")
         times_file = w / "stage_times.json"
         times = read_json(times_file) or {}
-        todo = stages(model, seed, w)
+        todo = stages(model, seed, w, base, device)
+        pending = [t for t in todo if not t[1].exists()]
+        if pending and base is None:
+            base = from_pretrained(model, device=device)          # loaded once, copied by each training stage
+        todo = stages(model, seed, w, base, device)
         for i, (name, done, action) in enumerate(todo, 1):
             if done.exists():
                 log(f"seed {seed} stage {i}/{len(todo)} {name}: done before, reused")
@@ -135,19 +136,13 @@ def run_stages(model, seeds, work):
             log(f"seed {seed} stage {i}/{len(todo)} {name}: running")
             t0, load = time.time(), os.getloadavg()[0]
             try:
-                if callable(action):
-                    action()
-                else:
-                    r = subprocess.run(action, stderr=subprocess.PIPE, text=True)
-                    sys.stderr.write(r.stderr)
-                    if r.returncode != 0:
-                        last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
-                        raise RuntimeError(f"exit {r.returncode}: {last}")
+                action()
                 times[name] = {"status": "ok", "seconds": round(time.time() - t0, 1), "load_at_start": load}
                 log(f"seed {seed} {name}: done in {time.time() - t0:.0f} s")
             except Exception as e:                 # report it and go on: finished stages stay as they are
                 times[name] = {"status": "failed", "seconds": round(time.time() - t0, 1), "error": str(e)[:300]}
-                log(f"seed {seed} {name}: FAILED: {e}")
+                log(f"seed {seed} {name}: FAILED: {type(e).__name__}: {e}")
+            gc.collect()                           # free the stage's models before the next one
             write_json(times_file, times)
 
 
@@ -539,37 +534,45 @@ def make_figures(res, out):
     return figs
 
 
-def write_report(model, seeds, work, out):
+def write_report(model, seeds, work, out, overwrite=False):
     res = collect(model, seeds, work)
     res["cpus"] = os.cpu_count()
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    figs = make_figures(res, out)
-    write_json(out / "results.json", res)
-    write_text_atomic(out / "REPORT.md", render(res, figs))
+    with atomic_dir(out, "report", overwrite, log=log) as tmp:      # REPORT.md, figures, results.json at once
+        figs = make_figures(res, tmp)
+        write_json(tmp / "results.json", res)
+        (tmp / "REPORT.md").write_text(render(res, figs))
     return res
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--model", default=DEFAULT_NAME, help="base model: the embedded default, a directory or a hub id")
-    p.add_argument("--seeds", type=int, default=1, help="repeat every stage over seeds 0..N-1")
+    p.add_argument("--seeds", type=cli.positive_int, default=1, help="repeat every stage over seeds 0..N-1")
     p.add_argument("--out", default=None, help="where REPORT.md, its figures and results.json go "
                                                "(default results/<model name>)")
     p.add_argument("--work", default=None, help="stage outputs, checkpoints included (default runs/report/<model name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a report of ours")
     p.add_argument("--render-only", action="store_true", help="only rebuild REPORT.md from finished stages")
+    p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
+    p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
     args = p.parse_args(argv)
     name = Path(str(args.model)).name
     out = Path(args.out or Path("results") / name)
     work = Path(args.work or Path("runs") / "report" / name)
-    out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
-    t0 = time.time()
-    if not args.render_only:
-        run_stages(args.model, seeds, work)
-    res = write_report(args.model, seeds, work, out)
-    for claim, v, _, ev in verdicts(res):
-        log(f"{v:>10}  {claim}  [{ev}]")
-    log(f"wrote {out}/REPORT.md in {time.time() - t0:.0f} s")
+    torch.set_num_threads(args.threads)
+
+    def work_():
+        t0 = time.time()
+        check_output(out, "report", args.overwrite, log=log)       # before hours of stages, not after
+        if not args.render_only:
+            run_stages(args.model, seeds, work, args.device)
+        res = write_report(args.model, seeds, work, out, args.overwrite)
+        for claim, v, _, ev in verdicts(res):
+            log(f"{v:>10}  {claim}  [{ev}]")
+        log(f"wrote {out}/REPORT.md in {time.time() - t0:.0f} s")
+    return cli.run(work_)
 
 
 if __name__ == "__main__":

@@ -14,27 +14,31 @@ Linearized scores, eqs. 4-9, from three batched passes over all prompts:
   informative  I_c = sum over c's maps of g . (dW x)                        eq. 4 / 7
   downstream   D_c = g_c . (f_c(z'_c, W_c) - y_c)                          eq. 5 / 8
   upstream     U_c = (g'_c - g_c) . (y_c - y*_c),  y* = mean over the other prompts   eq. 6 / 9
+               g'_c = dR/dy_c with only the weights after c changed (W_late <- W'_late): for a head, its layer's
+               MLP and the later layers; for an MLP, the later layers. Computed by one partial pass per layer from
+               the cached W residual stream (late_gradients). "upstream_authors" is the authors' cheaper variant:
+               g' from the full pass at W' (early layers changed too), which is not eq. 6.
 Grouped-query attention: a key/value head is shared by G = H/K query heads; its k and v informative
 terms are split equally among them (sums over heads stay exact).
 Positions are aligned by template: the tokens all prompts share at the start, the slot (right-aligned),
 the tokens all prompts share at the end. Scores are averaged over prompts on one anchor prompt's positions.
 
---exact computes the causal scores of eqs. 1-3 by real interventions (summed over positions) and reports how
-well the linearized scores approximate them.
+exact.py computes the causal scores of eqs. 1-3 by real interventions and compares them with these.
 """
-import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.func import functional_call
+from safetensors.torch import save_file
 
+import cli
 import data
+from checkpoint import UserError, atomic_dir, check_output, check_same_base, from_pretrained, load_tokenizer, \
+    read_json, resolve, save_figure
 from kernels.grad_delta import grad_delta
-from model import Taps, config_diff, from_pretrained, load_tokenizer, resolve, write_text_atomic
+from model import Taps
 
 MLP_MAPS = ("gate_proj", "up_proj", "down_proj")
 
@@ -66,23 +70,23 @@ def align(ids, lengths):
 def aligned_mean_of_others(y, pos, Ta):
     """y* of eq. 3/6: at each position, the mean of the same component's output over the OTHER prompts
     at the aligned position (a mean ablation). y (N, T, ...) -> (N, T, ...); where no other prompt has the
-    position, y* = y (no ablation)."""
+    position, y* = y (no ablation). Every buffer lives on y's device; padding goes to a spare slot Ta."""
     N, T = pos.shape
-    real = pos >= 0
-    idx = pos.clamp(min=0)
-    flat = y.reshape(N, T, -1)
-    total = torch.zeros(Ta, flat.shape[-1], dtype=y.dtype).index_add_(0, idx[real], flat[real])   # (Ta, ...)
-    count = torch.zeros(Ta, dtype=y.dtype).index_add_(0, idx[real], torch.ones_like(idx[real], dtype=y.dtype))
-    others = (count[idx] - 1)[..., None]                           # (N, T, 1)
+    idx = torch.where(pos >= 0, pos, Ta).to(y.device).reshape(-1)  # (N*T,) padding -> slot Ta
+    flat = y.reshape(N * T, -1)
+    total = torch.zeros(Ta + 1, flat.shape[-1], dtype=y.dtype, device=y.device).index_add_(0, idx, flat)
+    count = torch.zeros(Ta + 1, dtype=y.dtype, device=y.device).index_add_(0, idx, torch.ones_like(flat[:, 0]))
+    others = (count[idx] - 1)[:, None]                             # (N*T, 1)
     ystar = torch.where(others > 0, (total[idx] - flat) / others.clamp(min=1), flat)
     return ystar.view_as(y)
 
 
 def to_anchor(s, pos, Ta):
     """Per-prompt scores (N, T, ...) -> mean over prompts on the anchor's positions (Ta, ...)."""
-    real = pos >= 0
-    out = torch.zeros((Ta,) + s.shape[2:], dtype=s.dtype)
-    return out.index_add_(0, pos[real], s[real]) / s.shape[0]
+    N, T = pos.shape
+    idx = torch.where(pos >= 0, pos, Ta).to(s.device).reshape(-1)  # padding -> spare slot Ta, dropped
+    out = torch.zeros((Ta + 1,) + s.shape[2:], dtype=s.dtype, device=s.device)
+    return out.index_add_(0, idx, s.reshape((N * T,) + s.shape[2:]))[:Ta] / N
 
 
 # --- the prompts, batched -----------------------------------------------------------------------------
@@ -111,7 +115,7 @@ def make_prompts(tokenizer, examples, device="cpu"):
     lengths = mask.sum(1).tolist()
     anchor, pos = align(ids, lengths)
     to = lambda t: t.to(device)
-    return Prompts(to(ids), to(mask), to(correct), to(cands), pos, lengths[anchor], anchor)
+    return Prompts(to(ids), to(mask), to(correct), to(cands), to(pos), lengths[anchor], anchor)
 
 
 # --- the passes -------------------------------------------------------------------------------------
@@ -134,16 +138,49 @@ def weight_delta(model_a, model_b, layer, name):
     return pb[name] - pa[name] if name in pa else None
 
 
-def linearized(model_a, model_b, b, impl="auto"):
-    """Per-prompt, per-position scores: dict of (N, T, L) for MLPs and (N, T, L, H) for heads."""
+def late_gradients(model_a, model_b, b, ta):
+    """g' of eq. 6: dR/dy_c with only the weights after component c changed (W_late <- W'_late), for every
+    layer l, from the W residual stream cached in `ta` (pass 1):
+        heads of layer l: attention at W (its output attn_out the leaf), layer l's MLP and later layers at W'
+        MLP of layer l:   MLP at W (its output mlp_out the leaf), later layers at W'
+    as in the exact eq. 3 (exact.py). Both entry points of a layer run as one batch of 2N through the later
+    layers: one partial pass per layer. Returns {l: dR/d attn_out (N, T, D)}, {l: dR/d mlp_out (N, T, D)}."""
+    L, N = model_a.config.n_layers, b.ids.shape[0]
+    rope, mask = model_a.prepare(b.ids, b.mask)
+    rope2, mask2 = model_b.prepare(b.ids.repeat(2, 1), b.mask.repeat(2, 1))
+    last = b.mask.repeat(2, 1).sum(1) - 1                          # (2N,) right padding
+    A, B = model_a.layers, model_b.layers
+    g_attn, g_mlp = {}, {}
+    for l in range(L):
+        p = f"layers.{l}."
+        t_head, t_mlp = Taps(grads=True), Taps(grads=True)         # each records its own leaf y_c
+        h0 = ta[p + "resid_pre"].detach()                          # (N, T, D) at W
+        mid = h0 + A[l].attn_sublayer(h0, rope, mask, t_head)      # the heads at W ...
+        head_path = mid + B[l].mlp_sublayer(mid)                   # ... their layer's MLP at W'
+        mid_w = ta[p + "resid_mid"].detach()
+        mlp_path = mid_w + A[l].mlp_sublayer(mid_w, t_mlp)         # the MLP at W
+        h = torch.cat([head_path, mlp_path])                       # (2N, T, D)
+        for blk in B[l + 1:]:                                      # the later layers at W'
+            h = blk(h, rope2, mask2)
+        logits = model_b.logits(model_b.model.norm(h)[torch.arange(2 * N, device=h.device), last])
+        data.reward(logits, b.correct.repeat(2), b.cands).sum().backward()
+        g_attn[l], g_mlp[l] = t_head[p + "attn_out"].grad, t_mlp[p + "mlp_out"].grad
+    return g_attn, g_mlp
+
+
+def linearized(model_a, model_b, b):
+    """Per-prompt, per-position scores: dict of (N, T, L) for MLPs and (N, T, L, H) for heads. Keys
+    {informative, downstream, upstream, upstream_authors}.{mlp, attn}."""
     cfg = model_a.config
     H, K, E, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     G = H // K
     N, T = b.ids.shape
     rope, mask = model_a.prepare(b.ids, b.mask)
-    ta = record(model_a, b)                                    # pass 1, at W
-    tb = record(model_b, b)                                    # pass 2, at W'
-    out = {f"{s}.{c}": [] for s in ("informative", "downstream", "upstream") for c in ("mlp", "attn")}
+    ta = record(model_a, b)                                        # pass 1, at W
+    tb = record(model_b, b)                                        # pass 2, at W'
+    g_attn, g_mlp = late_gradients(model_a, model_b, b, ta)       # eq. 6's g', W_late <- W'_late
+    kinds = ("informative", "downstream", "upstream", "upstream_authors")
+    out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")}
     with torch.no_grad():
         for l in range(L):
             p = f"layers.{l}."
@@ -153,7 +190,7 @@ def linearized(model_a, model_b, b, impl="auto"):
             delta = lambda name: weight_delta(model_a, model_b, l, name)
 
             def informative_map(g, x, proj, groups, split):        # eq. 4/7 for one linear map
-                s = grad_delta(flat(g), flat(x), delta(proj + ".weight"), groups, split, impl=impl)
+                s = grad_delta(flat(g), flat(x), delta(proj + ".weight"), groups, split)
                 db = delta(proj + ".bias")
                 if db is not None:                                 # a bias is a weight whose input is 1
                     gb = flat(g).float() * db.float()              # (N*T, O)
@@ -176,7 +213,7 @@ def linearized(model_a, model_b, b, impl="auto"):
             # pass 3: the components at W on their W' inputs (residual stream from the W' run)
             tc = Taps()
             block = model_a.layers[l]
-            block.attn_sublayer(tb[p + "resid_pre"].detach(), rope, mask, tc, model_a.attn_impl)
+            block.attn_sublayer(tb[p + "resid_pre"].detach(), rope, mask, tc)
             block.mlp_sublayer(tb[p + "resid_mid"].detach(), tc)
             # a head's write is W_o[:, h] z_h, so g . W_o[:, h] dz_h = (dR/dz)_h . dz_h: the gradient at z
             per_head = lambda u, v: (u * v).view(N, T, H, E).sum(-1)
@@ -184,113 +221,19 @@ def linearized(model_a, model_b, b, impl="auto"):
             down_h = per_head(gz, tc[p + "z"] - a("z"))            # eq. 5/8
             down_m = (grad(ta, "mlp_out") * (tc[p + "mlp_out"] - a("mlp_out"))).sum(-1)
             # upstream: (g' - g) . (y - y*), with the head's write through W_o at W                 eq. 6/9
-            dgz = (grad(tb, "attn_out") - grad(ta, "attn_out")) @ block.self_attn.o_proj.weight   # (N, T, H*E)
-            zstar = aligned_mean_of_others(a("z"), b.pos, b.Ta)
-            up_h = per_head(dgz, a("z") - zstar)
-            ystar = aligned_mean_of_others(a("mlp_out"), b.pos, b.Ta)
-            up_m = ((grad(tb, "mlp_out") - grad(ta, "mlp_out")) * (a("mlp_out") - ystar)).sum(-1)
+            dz = a("z") - aligned_mean_of_others(a("z"), b.pos, b.Ta)
+            dy = a("mlp_out") - aligned_mean_of_others(a("mlp_out"), b.pos, b.Ta)
+            Wo = block.self_attn.o_proj.weight
+            up_h = per_head((g_attn[l] - grad(ta, "attn_out")) @ Wo, dz)                 # g' with W_late <- W'_late
+            up_m = ((g_mlp[l] - grad(ta, "mlp_out")) * dy).sum(-1)
+            upa_h = per_head((grad(tb, "attn_out") - grad(ta, "attn_out")) @ Wo, dz)   # authors: g' from all of W'
+            upa_m = ((grad(tb, "mlp_out") - grad(ta, "mlp_out")) * dy).sum(-1)
 
             for key, v in (("informative.mlp", inf_m), ("informative.attn", inf_h), ("downstream.mlp", down_m),
-                           ("downstream.attn", down_h), ("upstream.mlp", up_m), ("upstream.attn", up_h)):
+                           ("downstream.attn", down_h), ("upstream.mlp", up_m), ("upstream.attn", up_h),
+                           ("upstream_authors.mlp", upa_m), ("upstream_authors.attn", upa_h)):
                 out[key].append(v.float())
     return {k: torch.stack(v, dim=2) for k, v in out.items()}     # (N, T, L) or (N, T, L, H)
-
-
-# --- exact scores, eqs. 1-3, by intervention ---------------------------------------------------------
-
-def head_params(block_a, block_b, h, cfg):
-    """Block parameters at W with head h's weights set to W' (eq. 1): its rows of q, its columns of o, and
-    1/G of its key/value head's change (the share the linearized score gives it). New tensors, no in-place."""
-    E, G = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-    pa, pb = dict(block_a.named_parameters()), dict(block_b.named_parameters())
-    new = dict(pa)
-    for name in pa:
-        proj = name.split(".")[1] if name.startswith("self_attn.") else None
-        if proj in ("q_proj", "k_proj", "v_proj"):
-            rows = slice(h * E, (h + 1) * E) if proj == "q_proj" else slice(h // G * E, (h // G + 1) * E)
-            share = 1.0 if proj == "q_proj" else 1.0 / G
-            d = torch.zeros_like(pa[name])
-            d[rows] = share * (pb[name] - pa[name])[rows]
-            new[name] = pa[name] + d
-        elif name == "self_attn.o_proj.weight":
-            d = torch.zeros_like(pa[name])
-            d[:, h * E:(h + 1) * E] = (pb[name] - pa[name])[:, h * E:(h + 1) * E]
-            new[name] = pa[name] + d
-    return new
-
-
-def exact(model_a, model_b, b, rows, impl="auto"):
-    """Causal scores (eqs. 1-3) of every component, summed over positions, averaged over prompts `rows`.
-    Each intervention starts from the cached residual stream at its layer, so it only reruns later layers;
-    the H head patches of one layer run together, as H copies of the prompts in one batch."""
-    cfg = model_a.config
-    H, E, L = cfg.n_heads, cfg.head_dim, cfg.n_layers
-    n = len(rows)
-    ta = record(model_a, b)                                        # W: residual streams, z, mlp_out
-    tb = record(model_b, b)                                        # W': component inputs for pass 3
-    s = b.subset(rows)
-    rope, mask = model_a.prepare(s.ids, s.mask)
-    get = lambda t, name: t[name].detach()[rows]
-    A, B = list(model_a.layers), list(model_b.layers)
-
-    def R(first, start, late, reps=1):
-        """Mean reward of each of `reps` copies of the prompts, (reps,): `first` maps the residual stream at
-        layer `start` to the stream after it; later layers and the final norm come from `late` (W or W')."""
-        h = first(get(ta, f"layers.{start}.resid_pre").repeat(reps, 1, 1))       # (reps * n, T, D)
-        for blk in late.layers[start + 1:]:
-            h = blk(h, rope, mask.repeat(reps, 1), None, impl)
-        last = (s.mask.sum(1) - 1).repeat(reps)                               # (reps * n,)
-        logits = late.logits(late.model.norm(h)[torch.arange(reps * n), last])
-        return data.reward(logits, s.correct.repeat(reps), s.cands).view(reps, n).mean(1)
-
-    def layer(blk, patch=None, params=None, mlp_blk=None):
-        """One layer at W (`blk`), optionally with patched activations, swapped parameters, or its MLP
-        taken from another block (the W' MLP for the upstream score of a head)."""
-        def run(h):
-            taps = Taps(patch=patch) if patch else None
-            m = mask.repeat(h.shape[0] // n, 1)
-            if params is not None:
-                return functional_call(blk, params, (h, rope, m, taps, impl))
-            h = h + blk.attn_sublayer(h, rope, m, taps, impl)
-            return h + (mlp_blk or blk).mlp_sublayer(h, taps)
-        return run
-
-    out = {k: torch.zeros(L, H + 1) for k in ("informative", "downstream", "upstream")}   # column H = MLP
-    with torch.no_grad():
-        R0 = R(layer(A[0]), 0, model_a)
-        for l in range(L):
-            p = f"layers.{l}."
-            z = get(ta, p + "z")                                   # (n, T, H*E)
-            zstar = aligned_mean_of_others(ta[p + "z"].detach(), b.pos, b.Ta)[rows]
-            ystar = aligned_mean_of_others(ta[p + "mlp_out"].detach(), b.pos, b.Ta)[rows]
-            tc = Taps()                                            # pass 3: f_c(z'_c, W_c)
-            A[l].attn_sublayer(tb[p + "resid_pre"].detach()[rows], rope, mask, tc, impl)
-            A[l].mlp_sublayer(tb[p + "resid_mid"].detach()[rows], tc)
-
-            def each_head(zsrc):                                   # copy h of z has head h's slice from zsrc
-                zz = z.repeat(H, 1, 1).view(H, n, -1, H * E)
-                for h in range(H):
-                    zz[h, ..., h * E:(h + 1) * E] = zsrc[..., h * E:(h + 1) * E]
-                return {p + "z": zz.view(H * n, -1, H * E)}
-
-            # heads (columns 0..H-1)
-            out["informative"][l, :H] = torch.cat([R(layer(A[l], params=head_params(A[l], B[l], h, cfg)), l,
-                                                     model_a) for h in range(H)]) - R0          # eq. 1
-            out["downstream"][l, :H] = R(layer(A[l], patch=each_head(tc[p + "z"])), l, model_a, H) - R0   # eq. 2
-            ablate = each_head(zstar)
-            out["upstream"][l, :H] = (R(layer(A[l], mlp_blk=B[l]), l, model_b)                 # eq. 3
-                                      - R(layer(A[l], patch=ablate, mlp_blk=B[l]), l, model_b, H)) \
-                - (R0 - R(layer(A[l], patch=ablate), l, model_a, H))
-            # the MLP (column H)
-            pa, pb = dict(A[l].named_parameters()), dict(B[l].named_parameters())
-            mlp_new = {k: (pb[k] if k.startswith("mlp.") else v) for k, v in pa.items()}
-            out["informative"][l, H] = R(layer(A[l], params=mlp_new), l, model_a)[0] - R0          # eq. 1
-            out["downstream"][l, H] = R(layer(A[l], patch={p + "mlp_out": tc[p + "mlp_out"]}), l, model_a)[0] - R0
-            ablate = {p + "mlp_out": ystar}
-            out["upstream"][l, H] = (R(layer(A[l]), l, model_b) - R(layer(A[l], patch=ablate), l, model_b))[0] \
-                - (R0 - R(layer(A[l], patch=ablate), l, model_a))[0]                            # eq. 3
-            print(f"  exact scores: layer {l + 1}/{L}", flush=True)
-    return out
 
 
 # --- outputs: tensors, figure (paper Fig. 3), summary -----------------------------------------------
@@ -301,7 +244,8 @@ def pearson(a, b):
 
 
 def figure(scores, tokens, path, title):
-    """Rows downstream / informative / upstream; columns MLPs and attention (heads summed); layer x position."""
+    """Rows downstream / informative / upstream (eq. 6 as defined); columns MLPs and attention (heads summed);
+    layer x position."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -323,15 +267,6 @@ def figure(scores, tokens, path, title):
     save_figure(fig, path)
 
 
-def save_figure(fig, path):
-    """Save a matplotlib figure as PNG beside `path`, then rename it over `path`; close it."""
-    import matplotlib.pyplot as plt
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def top_components(scores, tokens, k=5):
     lines = []
     for kind in ("informative", "downstream", "upstream"):
@@ -345,102 +280,92 @@ def top_components(scores, tokens, k=5):
     return lines
 
 
-def exact_report(ex, lin, L, H):
-    """Correlation between causal (eqs. 1-3) and linearized (eqs. 4-6) scores over all components."""
-    report, lines = {}, []
-    for kind in ("informative", "downstream", "upstream"):
-        # linearized, summed over positions: (N, T, L) and (N, T, L, H) -> (L, H + 1) like the exact table
-        l_ = torch.cat([lin[f"{kind}.attn"], lin[f"{kind}.mlp"][..., None]], dim=-1).sum(1).mean(0)
-        e_ = ex[kind]
-        gap = (e_ - l_).abs().flatten()
-        worst = gap.argsort(descending=True)[:3].tolist()
-        name = lambda i: f"{'MLP' if i % (H + 1) == H else 'head'} {i // (H + 1)}" + \
-            ("" if i % (H + 1) == H else f".{i % (H + 1)}")
-        report[kind] = {"pearson_r": pearson(e_, l_), "pearson_r_mlp": pearson(e_[:, H], l_[:, H]),
-                        "pearson_r_heads": pearson(e_[:, :H], l_[:, :H]),
-                        "largest_disagreements": [{"component": name(i), "exact": float(e_.flatten()[i]),
-                                                   "linearized": float(l_.flatten()[i])} for i in worst],
-                        "exact": e_.tolist(), "linearized": l_.tolist()}
-        lines.append(f"{kind}: r = {report[kind]['pearson_r']:.3f} (MLPs {report[kind]['pearson_r_mlp']:.3f}, "
-                     f"heads {report[kind]['pearson_r_heads']:.3f}); largest gaps: " +
-                     ", ".join(f"{d['component']} exact {d['exact']:+.3g} vs lin {d['linearized']:+.3g}"
-                               for d in report[kind]["largest_disagreements"]))
-    return report, lines
+# --- one run: two checkpoints, one dataset split, one output directory ----------------------------------
+
+def load_pair(ckpt_a, ckpt_b, device, log=print):
+    """W and W' as frozen fp32 models, their tokenizer, after checking they share one base."""
+    check_same_base([resolve(ckpt_a), resolve(ckpt_b)])
+    log(f"loading {ckpt_a} (W) and {ckpt_b} (W')")
+    model_a = from_pretrained(ckpt_a, device=device).requires_grad_(False)
+    model_b = from_pretrained(ckpt_b, device=device).requires_grad_(False)
+    return model_a, model_b, load_tokenizer(ckpt_a)
 
 
-# --- command line -------------------------------------------------------------------------------------
+def dataset_of(ckpt_b, dataset=None, seed=None):
+    """The dataset and seed to score: given, else those in ckpt_b's metrics.json (seed 0 if it names none)."""
+    meta_file = resolve(ckpt_b) / "metrics.json"
+    meta = read_json(meta_file, "metrics.json").get("args", {}) if meta_file.exists() else {}
+    dataset = dataset or meta.get("dataset")
+    if dataset is None:
+        raise UserError(f"no --dataset given and {meta_file} does not name one")
+    return dataset, seed if seed is not None else meta.get("seed", 0)
 
-def check_pair(model_a, model_b, tok_a, tok_b, a, b):
-    if model_a.config != model_b.config:
-        raise ValueError(f"{a} and {b} have different architectures "
-                         f"({', '.join(config_diff(model_a.config, model_b.config))}): "
-                         "ckpt_b must be a finetune of ckpt_a")
-    if tok_a.get_vocab() != tok_b.get_vocab():
-        raise ValueError(f"{a} and {b} have different tokenizers: ckpt_b must be a finetune of ckpt_a")
+
+def score(model_a, model_b, tok, examples, log=print):
+    """Every linearized score, averaged over prompts on the anchor's positions: ({key: (Ta, L[, H])}, tokens)."""
+    b = make_prompts(tok, examples, b_device(model_a))
+    N, T = b.ids.shape
+    log(f"scoring {N} prompts ({T} positions): 3 batched passes and one partial pass per layer (eq. 6)")
+    lin = linearized(model_a, model_b, b)
+    tokens = [tok.decode([i]) for i in b.ids[b.anchor, :b.Ta].tolist()]        # readable labels
+    return {k: to_anchor(v, b.pos, b.Ta).cpu() for k, v in lin.items()}, tokens, b
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def b_device(model):
+    return next(model.parameters()).device
+
+
+def write(out, scores_, tokens, settings, title, overwrite=False, log=print):
+    """scores.safetensors, scores.png, summary.txt and settings.json as one directory replacing `out` whole."""
+    lines = top_components(scores_, tokens)
+    with atomic_dir(out, "scores", overwrite, log=log) as tmp:
+        tensors = {k: v.contiguous() for k, v in scores_.items()}
+        save_file(tensors, str(tmp / "scores.safetensors"), metadata={"settings": json.dumps(settings)})
+        figure(scores_, tokens, tmp / "scores.png", title)
+        (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    return lines
+
+
+def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", device="cpu", overwrite=False,
+        log=print):
+    """What `python scores.py` does, as a function (report.py calls it)."""
+    t0 = time.time()
+    dataset, seed = dataset_of(ckpt_b, dataset, seed)
+    splits = data.load_dataset(dataset, seed=seed)
+    if split not in splits:
+        raise UserError(f"dataset {dataset!r} has no split {split!r} (it has {', '.join(splits)})")
+    check_output(out, "scores", overwrite, inputs=[resolve(ckpt_a), resolve(ckpt_b)], log=log)  # before the passes
+    model_a, model_b, tok = load_pair(ckpt_a, ckpt_b, device, log)
+    sc, tokens, b = score(model_a, model_b, tok, splits[split], log)
+    settings = {"ckpt_a": str(ckpt_a), "ckpt_b": str(ckpt_b), "ckpt_a_dir": str(resolve(ckpt_a)),
+                "dataset": str(dataset), "seed": seed, "split": split, "n_prompts": b.ids.shape[0],
+                "anchor_prompt": splits[split][b.anchor].prompt, "anchor_tokens": tokens,
+                "reward": "logit(answer first token) - mean over candidates' first tokens",
+                "upstream": "eq. 6 as defined (W_late <- W'_late); upstream_authors: g' from the full pass at W'",
+                "gqa": "k/v informative terms split equally among the query heads sharing the kv head"}
+    lines = write(out, sc, tokens, settings, f"{Path(str(ckpt_b)).name}: {dataset} {split}", overwrite, log)
+    log("\n".join(lines))
+    log(f"wrote {out}: scores.safetensors, scores.png, summary.txt, settings.json in {time.time() - t0:.1f} s")
+    return sc
+
+
+def main(argv=None):
+    ap = cli.parser(__doc__)
     ap.add_argument("ckpt_a", help="weights W before finetuning: a directory, 'smollm2-135m', or a hub id")
     ap.add_argument("ckpt_b", help="weights W' after finetuning (e.g. runs/first_hop from train.py)")
     ap.add_argument("--dataset", help="dataset name or JSON file (default: the one in ckpt_b/metrics.json)")
     ap.add_argument("--seed", type=int, help="dataset seed (default: ckpt_b/metrics.json's, else 0)")
-    ap.add_argument("--split", default="implications", help="dataset split to score (default: implications)")
-    ap.add_argument("--out", help="output directory (default: runs/<ckpt_b name>/scores)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    ap.add_argument("--exact", action="store_true", help="also compute the causal scores (eqs. 1-3) by intervention")
-    ap.add_argument("--exact-prompts", type=int, default=4,
-                    help="number of prompts for --exact (each component costs ~4 partial forwards per prompt batch)")
-    args = ap.parse_args()
-    try:
-        t0 = time.time()
-        meta_file = resolve(args.ckpt_b) / "metrics.json"       # also: a clear error if ckpt_b is missing
-        meta = json.loads(meta_file.read_text()).get("args", {}) if meta_file.exists() else {}
-        dataset = args.dataset or meta.get("dataset")
-        if dataset is None:
-            raise ValueError(f"no --dataset given and {meta_file} does not name one")
-        seed = args.seed if args.seed is not None else meta.get("seed", 0)
-        out = Path(args.out or Path("runs") / Path(str(args.ckpt_b)).name / "scores")
-        print(f"loading {args.ckpt_a} (W) and {args.ckpt_b} (W')", flush=True)
-        model_a = from_pretrained(args.ckpt_a, device=args.device).requires_grad_(False)
-        model_b = from_pretrained(args.ckpt_b, device=args.device).requires_grad_(False)
-        tok = load_tokenizer(args.ckpt_a)
-        check_pair(model_a, model_b, tok, load_tokenizer(args.ckpt_b), args.ckpt_a, args.ckpt_b)
-        splits = data.load_dataset(dataset, seed=seed)
-        if args.split not in splits:
-            raise ValueError(f"dataset {dataset!r} has no split {args.split!r} (it has {', '.join(splits)})")
-        b = make_prompts(tok, splits[args.split], args.device)
-        N, T = b.ids.shape
-        print(f"scoring {N} prompts of {dataset}/{args.split} ({T} positions): 3 batched passes", flush=True)
-        lin = linearized(model_a, model_b, b)
-        scores = {k: to_anchor(v.cpu(), b.pos, b.Ta) for k, v in lin.items()}
-        tokens = [tok.decode([i]) for i in b.ids[b.anchor, :b.Ta].tolist()]        # readable labels
-        settings = {"ckpt_a": str(args.ckpt_a), "ckpt_b": str(args.ckpt_b), "ckpt_a_dir": str(resolve(args.ckpt_a)),
-                    "dataset": str(dataset), "seed": seed, "split": args.split, "n_prompts": N,
-                    "anchor_prompt": splits[args.split][b.anchor].prompt, "anchor_tokens": tokens,
-                    "reward": "logit(answer first token) - mean over candidates' first tokens",
-                    "gqa": "k/v informative terms split equally among the query heads sharing the kv head"}
-        from safetensors.torch import save_file
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in scores.items()} | {"anchor_ids": b.ids[b.anchor, :b.Ta].cpu()}
-        save_file(tensors, str(out / "scores.safetensors.tmp"), metadata={"settings": json.dumps(settings)})
-        (out / "scores.safetensors.tmp").replace(out / "scores.safetensors")
-        figure(scores, tokens, out / "scores.png", f"{Path(str(args.ckpt_b)).name}: {dataset} {args.split}")
-        lines = top_components(scores, tokens)
-        if args.exact:
-            k = min(args.exact_prompts, N)
-            print(f"exact scores (eqs. 1-3) on {k} prompts, by intervention", flush=True)
-            ex = exact(model_a, model_b, b, list(range(k)))
-            report, ex_lines = exact_report(ex, {n: v[:k].cpu() for n, v in lin.items()},
-                                            model_a.config.n_layers, model_a.config.n_heads)
-            write_text_atomic(out / "exact.json", json.dumps({"settings": settings, "n_prompts": k, **report}))
-            lines += ["exact vs linearized, per component summed over positions:"] + ex_lines
-        (out / "summary.txt").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        print(f"wrote {out}/scores.safetensors, scores.png, summary.txt in {time.time() - t0:.1f} s")
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    ap.add_argument("--split", default="implications", help="dataset split to score")
+    ap.add_argument("--out", help="output directory (default: runs/<ckpt_b name>.scores, beside the checkpoint, "
+                                  "never inside it)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out even if it is not a scores directory of ours (by default an error)")
+    ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
+    args = ap.parse_args(argv)
+    out = Path(args.out or Path("runs") / f"{Path(str(args.ckpt_b)).name}.scores")
+    return cli.run(lambda: run(args.ckpt_a, args.ckpt_b, out, args.dataset, args.seed, args.split, args.device,
+                               args.overwrite))
 
 
 if __name__ == "__main__":

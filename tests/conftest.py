@@ -20,3 +20,34 @@ def default_ckpt():
     """The default model's checkpoint directory (converted from the GGUF on first use, then cached)."""
     import default_model
     return default_model.default_checkpoint()
+
+
+def _make_tiny(path, n_layers=4):
+    """A tiny random Llama checkpoint (untied head) with a byte-level BPE tokenizer trained on our datasets'
+    texts, saved as a checkpoint directory that `checkpoint.from_pretrained` and `load_tokenizer` read."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import data
+    texts = [f"{e.prompt} {e.answer}" for name in data.DATASETS for split in data.load_dataset(name).values()
+             for e in split]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.1)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """make_tiny(path, n_layers=4) writes a tiny random Llama checkpoint with its own BPE tokenizer."""
+    pytest.importorskip("transformers")
+    return _make_tiny

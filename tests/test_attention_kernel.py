@@ -123,7 +123,7 @@ def test_default_model_kernel_matches_twin():
     """
     M = pytest.importorskip("model")
     try:
-        model = M.from_pretrained(M.DEFAULT_NAME, device=DEVICE)
+        model = C.from_pretrained(C.DEFAULT_NAME, device=DEVICE)
     except FileNotFoundError as e:               # the default model's package is not installed
         pytest.skip(str(e))
     if DEVICE == "cpu":

@@ -5,35 +5,15 @@ import pytest
 import torch
 
 import data
-import model as M
+import checkpoint as C
 
 transformers = pytest.importorskip("transformers")
 
 
-def make_tiny(path, n_layers=4):
-    """A tiny random Llama checkpoint (untied head) with a byte-level BPE tokenizer trained on our datasets'
-    texts, saved as a checkpoint directory that `model.from_pretrained` and `load_tokenizer` read."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    texts = [f"{e.prompt} {e.answer}" for name in data.DATASETS for split in data.load_dataset(name).values()
-             for e in split]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.1)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path, safe_serialization=True)
-    tok.save(str(path / "tokenizer.json"))
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, make_tiny):
     path = make_tiny(tmp_path_factory.mktemp("tiny"))
-    return M.from_pretrained(path), M.load_tokenizer(path)
+    return C.from_pretrained(path), C.load_tokenizer(path)
 
 
 # --- datasets -------------------------------------------------------------------------------------------
@@ -76,7 +56,7 @@ def test_daxwug_splits():
 
 
 def test_candidates_distinct_with_the_default_tokenizer(default_ckpt):
-    tok = M.load_tokenizer(default_ckpt)
+    tok = C.load_tokenizer(default_ckpt)
     for name in data.DATASETS:
         for split, ex in data.load_dataset(name).items():
             answers, cands, _ = data.candidates(tok, ex)

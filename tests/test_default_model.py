@@ -104,8 +104,8 @@ def test_folder_matches_gguf_in_transformers(default_ckpt, tokenizer, ref_model)
 
 @pytest.fixture(scope="module")
 def model():
-    import model as M
-    return M.from_pretrained(default_model.DEFAULT_NAME, dtype=torch.float32, device="cpu")
+    import checkpoint as C
+    return C.from_pretrained(default_model.DEFAULT_NAME, dtype=torch.float32, device="cpu")
 
 
 def test_model_py_matches_transformers(model, tokenizer, ref_model):
@@ -116,8 +116,8 @@ def test_model_py_matches_transformers(model, tokenizer, ref_model):
 
 
 def test_model_py_tokenizer_is_the_cache(tokenizer):
-    import model as M
-    assert M.load_tokenizer(default_model.DEFAULT_NAME).encode(PROMPTS[1]).ids == tokenizer.encode(PROMPTS[1]).ids
+    import checkpoint as C
+    assert C.load_tokenizer(default_model.DEFAULT_NAME).encode(PROMPTS[1]).ids == tokenizer.encode(PROMPTS[1]).ids
 
 
 def test_capital_cities(model, tokenizer):

@@ -7,14 +7,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graft as G
-import model as M
-from test_data import make_tiny
+import checkpoint as C
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, make_tiny):
     """A tiny random checkpoint A, and B, C: A with random changes of different sizes."""
     a = make_tiny(tmp_path_factory.mktemp("A"), n_layers=2)
     out = [a]
@@ -39,9 +38,9 @@ def test_graft_of_a_with_itself_is_a_bit_for_bit(ckpts, tmp_path):
         assert want[k].dtype == got[k].dtype == torch.float32
         assert want[k].numpy().tobytes() == got[k].numpy().tobytes(), k
     # and it is a checkpoint like any other: our loader and the same tokenizer
-    m = M.from_pretrained(tmp_path / "out")
-    assert M.load_tokenizer(tmp_path / "out").get_vocab() == M.load_tokenizer(a).get_vocab()
-    assert m.config == M.load_config(a)
+    m = C.from_pretrained(tmp_path / "out")
+    assert C.load_tokenizer(tmp_path / "out").get_vocab() == C.load_tokenizer(a).get_vocab()
+    assert m.config == C.load_config(a)
 
 
 def test_graft_matches_float64_reference(ckpts, tmp_path):
@@ -62,7 +61,7 @@ def test_graft_matches_float64_reference(ckpts, tmp_path):
     assert meta["base"] == str(a) and meta["add"] == str(b) and meta["sub"] == str(c)
 
 
-def test_mismatched_architecture_is_refused(ckpts, tmp_path):
+def test_mismatched_architecture_is_refused(ckpts, tmp_path, make_tiny):
     a = ckpts[0]
     other = make_tiny(tmp_path / "deeper", n_layers=3)
     with pytest.raises(ValueError, match="different architectures.*n_layers"):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import checkpoint as C
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -53,7 +54,7 @@ def batch():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_transformers(family, tmp_path):
     ref = save_tiny(family, tmp_path)
-    ours = M.from_pretrained(tmp_path)
+    ours = C.from_pretrained(tmp_path)
     assert set(ours.state_dict()) | {"lm_head.weight"} >= set(ref.state_dict())
     ids, mask = batch()
     with torch.no_grad():
@@ -67,7 +68,7 @@ def test_logits_match_transformers(family, tmp_path):
 
 def test_gemma2_longer_than_window(tmp_path):
     ref = save_tiny("gemma2", tmp_path)
-    ours = M.from_pretrained(tmp_path)
+    ours = C.from_pretrained(tmp_path)
     assert ours.layers[0].window == 5 and ours.layers[1].window is None
     ids = torch.randint(3, 101, (2, 23), generator=torch.Generator().manual_seed(2))   # 23 > window 5
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_gemma2_longer_than_window(tmp_path):
 def test_sharded_checkpoint(tmp_path):
     ref = save_tiny("llama", tmp_path, shard="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = M.from_pretrained(tmp_path)
+    ours = C.from_pretrained(tmp_path)
     ids, mask = batch()
     with torch.no_grad():
         assert (ours(ids, mask)[mask.bool()] - ref(input_ids=ids, attention_mask=mask).logits[mask.bool()]).abs().max() < 1e-4
@@ -89,7 +90,7 @@ def test_sharded_checkpoint(tmp_path):
 
 def test_taps_record_and_patch(tmp_path):
     save_tiny("llama", tmp_path)
-    m = M.from_pretrained(tmp_path)
+    m = C.from_pretrained(tmp_path)
     ids, mask = batch()
     taps = M.Taps()
     with torch.no_grad():
@@ -107,17 +108,17 @@ def test_taps_record_and_patch(tmp_path):
 
 def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
-        M.from_pretrained(tmp_path / "missing")
+        C.from_pretrained(tmp_path / "missing")
     save_tiny("llama", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
-        M.from_pretrained(tmp_path)
+        C.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])    # truncated download
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        M.from_pretrained(tmp_path)
+        C.from_pretrained(tmp_path)
 
 
 def test_bf16_sublayer_inputs_are_cast_once(tmp_path, monkeypatch):
@@ -125,7 +126,7 @@ def test_bf16_sublayer_inputs_are_cast_once(tmp_path, monkeypatch):
     projections: the same logits bit for bit, and the weight gradients within bf16 rounding (the projections'
     input gradients are then summed in bf16)."""
     save_tiny("llama", tmp_path)
-    m = M.from_pretrained(tmp_path)
+    m = C.from_pretrained(tmp_path)
     ids, mask = batch()
 
     def run():

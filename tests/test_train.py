@@ -10,16 +10,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
-import model as M
+import checkpoint as C
 import train
-from test_data import make_tiny
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tmp_path_factory, make_tiny):
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
@@ -40,7 +39,7 @@ def run_main(tiny_dir, small_json, out, *extra):
 
 
 def test_loss_covers_only_answer_tokens(tiny_dir):
-    m, tok = M.from_pretrained(tiny_dir), M.load_tokenizer(tiny_dir)
+    m, tok = C.from_pretrained(tiny_dir), C.load_tokenizer(tiny_dir)
     ex = data.load_dataset("second_hop")["facts"][:6]
     ids, mask, labels = data.encode_examples(tok, ex)
     loss = train.answer_loss(m, ids, mask, labels)
@@ -65,9 +64,9 @@ def test_schedule_warmup_then_linear_decay():
 
 def test_adam_in_backward_equals_one_adam_over_all_parameters(tiny_dir):
     """AdamInBackward steps each parameter inside backward(); the result must be one Adam's, bit for bit."""
-    tok = M.load_tokenizer(tiny_dir)
+    tok = C.load_tokenizer(tiny_dir)
     ids, mask, labels = data.encode_examples(tok, data.load_dataset("first_hop")["facts"][:6])
-    ours, ref, base = (M.from_pretrained(tiny_dir) for _ in range(3))
+    ours, ref, base = (C.from_pretrained(tiny_dir) for _ in range(3))
     names = set(train.trainable_names(base))                      # the blocks
     params = {}
     for m in (ours, ref):
@@ -149,7 +148,7 @@ def test_same_seed_same_metrics(tiny_dir, small_json, tmp_path):
 
 
 def test_checkpoint_reloads_to_identical_logits(tiny_dir, tmp_path):
-    m = M.from_pretrained(tiny_dir)
+    m = C.from_pretrained(tiny_dir)
     out = tmp_path / "run"
     # train a little through main(), then compare the saved checkpoint with the model main() trained
     ds = data.load_dataset("daxwug")
@@ -161,14 +160,14 @@ def test_checkpoint_reloads_to_identical_logits(tiny_dir, tmp_path):
     assert saved["records"] == metrics["records"] and saved["args"]["dataset"] == "daxwug"
     assert saved["wall_time_s"] > 0 and saved["base_model"] == str(tiny_dir)
     assert (out / "ranks.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
-    ours = M.from_pretrained(out)
-    ids, mask = data.encode_prompts(M.load_tokenizer(out), [e.prompt for e in ds["test_impls"]])
+    ours = C.from_pretrained(out)
+    ids, mask = data.encode_prompts(C.load_tokenizer(out), [e.prompt for e in ds["test_impls"]])
     with torch.no_grad():
         got = ours(ids, mask)
         ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids, attention_mask=mask).logits
         assert not torch.allclose(got, m(ids, mask))               # it did train
     # the last record's ranks are those of the saved weights
-    assert data.mean_rank(ours, M.load_tokenizer(out), ds["test_impls"]) == metrics["records"][-1]["impl_mean_rank"]
+    assert data.mean_rank(ours, C.load_tokenizer(out), ds["test_impls"]) == metrics["records"][-1]["impl_mean_rank"]
     real = mask.bool()
     torch.testing.assert_close(ref[real], got[real], rtol=1e-4, atol=1e-4)
 
@@ -180,7 +179,7 @@ def test_bad_input_gets_one_line_error(tiny_dir, small_json, tmp_path):
     blocker.write_text("")
     cases = [(["--dataset", "nope"], "error: unknown dataset 'nope'"),
              (["--dataset", str(bad)], "error: " + str(bad) + ": facts[0]: 'answer' is missing"),
-             (["--dataset", small_json, "--out", str(blocker / "out")], "error: cannot write --out")]
+             (["--dataset", small_json, "--out", str(blocker / "out")], "error: cannot write the output")]
     for argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             train.main(["--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "o"), *argv])
@@ -195,11 +194,11 @@ def test_bad_input_gets_one_line_error(tiny_dir, small_json, tmp_path):
 FAULTS_SCRIPT = """
 import ctypes, resource, sys, torch
 sys.path.insert(0, {root!r})
-import train
+import speedups
 mallopt = ctypes.CDLL("libc.so.6").mallopt   # start from glibc's documented defaults, not what imports made of them
-assert mallopt(train.M_TRIM_THRESHOLD, 128 * 1024) and mallopt(train.M_MMAP_THRESHOLD, 128 * 1024)
+assert mallopt(speedups.M_TRIM_THRESHOLD, 128 * 1024) and mallopt(speedups.M_MMAP_THRESHOLD, 128 * 1024)
 if sys.argv[1] == "keep":
-    assert train.keep_freed_memory()
+    assert speedups.keep_freed_memory()
 faults = []
 for _ in range(4):                  # a training step's pattern: allocate, touch, free the same 256 MB again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,0 +1,65 @@
+"""What every script's command line shares: argument types that refuse nonsense when the arguments are parsed
+(before any model loads), and the one way a user's mistake ends a script: one line saying what to do."""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s} must be at least 1")
+    return v
+
+
+def positive_float(s):
+    """A finite number > 0 (a learning rate): 0, negative, nan and inf are refused."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number above 0")
+    return v
+
+
+def device_name(name):
+    """--device: a name torch accepts (cpu, cuda, cuda:1, ...), checked when the arguments are parsed."""
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    return name
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_count():
+    """The cores this process may use (Linux: its affinity mask; macOS has no such call)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parser(doc):
+    """An ArgumentParser whose description is the script's docstring and whose --help shows every default."""
+    class Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+    return argparse.ArgumentParser(description=doc, formatter_class=Fmt)
+
+
+def run(fn, *args):
+    """Call a script's work; a mistake the user can fix (ValueError, OSError: a bad file, path or setting) ends it
+    with one line on stderr and exit status 1, never a traceback. Anything else is a bug and keeps its traceback."""
+    try:
+        return fn(*args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: earlier outputs are as they were")
