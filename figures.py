@@ -45,6 +45,7 @@ def fig2(plt, res):
         ax.set(title=hop.replace("_", "-"), xlabel="epoch")
     axes[0].set(ylabel="mean rank")
     axes[0].legend(fontsize=7)
+    fig.suptitle(f"mean over {len(res['seeds'])} seed(s), band ± 1 standard error", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -72,6 +73,7 @@ def fig4(plt, res):
                ylabel="mean rank")
     axes[1].legend(fontsize=7)
     axes[1].text(0.01, 0.01, "paper: no numbers in the text", transform=axes[1].transAxes, fontsize=7)
+    fig.suptitle(f"mean over {len(res['seeds'])} seed(s), band ± 1 standard error", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -127,6 +127,17 @@ def test_verdicts_follow_their_criteria(tmp_path):
     assert v["Table 2 (post)"] == "partly"                          # the second hop's half still holds
 
 
+def test_fig6_old_per_component_format_still_reads(tmp_path):
+    w = tmp_path / "seed0"
+    stub_seed(w)
+    g = json.loads((w / "graft" / "results.json").read_text())
+    for c in ("mlp", "heads"):                                      # graft.py before per-entry scores: no "shape"
+        del g["fig6"][c]["shape"]
+    write(w / "graft" / "results.json", g)
+    f6 = R.collect("stub", [0], tmp_path)["fig6"]
+    assert f6["mlp"]["units"].startswith("per component") and f6["mlp"]["n"] == 30
+
+
 def test_unlearned_facts_and_unknown_hops_are_inconclusive(tmp_path):
     stub_seed(tmp_path / "seed0", second_fact=5.5)                  # the second-hop finetune never learned its facts
     v = {claim.split(":")[0]: verdict for claim, verdict, _, _ in R.verdicts(R.collect("stub", [0], tmp_path))}
