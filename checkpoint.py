@@ -224,7 +224,8 @@ def check_output(out, kind, overwrite=False, inputs=(), log=print):
         if i == where or where in i.parents:
             raise UserError(f"the output {out} would replace the input {i}: give another output path")
     clean_leftovers(out, log)
-    if (out.exists() or out.is_symlink()) and not overwrite and not is_ours(out, kind):
+    empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())    # replacing it loses nothing
+    if (out.exists() or out.is_symlink()) and not (overwrite or empty or is_ours(out, kind)):
         what = "a file" if out.is_file() else "not a " + kind + " output of ours" if not (out / MARKER).exists() \
             else f"a {kind} output with files added by hand"
         raise UserError(f"{out} exists and is {what}: choose another output path, or pass --overwrite to replace "

@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import gc
 import json
-import math
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,6 +35,7 @@ from checkpoint import (DEFAULT_NAME, UserError, atomic_dir, check_output, check
                         from_pretrained, load_tokenizer, read_json, resolve, safetensors_files, save_figure,
                         work_dir, write_json)
 from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
+from stats import fig6_stats
 
 
 # --- weight arithmetic ------------------------------------------------------------------------------------
@@ -90,46 +90,6 @@ def graft(base, add, sub, out, overwrite=False, log=print):
                                                     "base": str(base), "add": str(add), "sub": str(sub)}, indent=1))
     log(f"wrote {out} = {base} + ({add} - {sub})")
     return out
-
-
-# --- statistics: Pearson r and its p-value, without scipy --------------------------------------------------
-
-def betainc(a, b, x):
-    """Regularized incomplete beta I_x(a, b) by its continued fraction (modified Lentz; Numerical Recipes 6.4)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    if x > (a + 1) / (a + b + 2):                                 # the fraction converges fast on this side
-        return 1.0 - betainc(b, a, 1.0 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
-    for i in range(400):
-        m = i // 2
-        if i == 0:
-            num = 1.0
-        elif i % 2 == 0:
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        else:
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        f *= c * d
-        if abs(1.0 - c * d) < 1e-15:
-            break
-    return front * (f - 1.0)
-
-
-def pearson_p(r, n):
-    """Two-sided p-value of Pearson r over n pairs under H0 rho = 0: t = r sqrt((n-2)/(1-r^2)) has a Student t
-    distribution with n-2 degrees of freedom, and P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)."""
-    df = n - 2
-    if df < 1:
-        return float("nan")
-    if abs(r) >= 1.0:
-        return 0.0
-    t2 = r * r * df / (1.0 - r * r)
-    return betainc(df / 2.0, 0.5, df / (df + t2))
 
 
 # --- the experiment: training stages ------------------------------------------------------------------------
@@ -263,8 +223,9 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     inf = per_entry(load(out / "W_Fp"), load(out / "W_graft"), tok, IFp, "informative")
     fig6 = {}
     for comp, dn, inf_ in (("mlp", *right_aligned(down[0], inf[0])), ("heads", *right_aligned(down[1], inf[1]))):
-        r = scores.pearson(dn, inf_)
-        fig6[comp] = {"r": r, "p": pearson_p(r, dn.numel()), "n": dn.numel(), "shape": list(dn.shape),
+        st = fig6_stats(dn.flatten().double().numpy(), inf_.flatten().double().numpy(), seed=seed)
+        r = st["r"]
+        fig6[comp] = {"r": r, "p": st["p_perm"], "n": st["n"], "shape": list(dn.shape),
                       "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
         log(f"[graft] Fig. 6 {comp}: r = {r:.3f}, p = {fig6[comp]['p']:.3g} over {dn.numel()} entries")
     scatter(fig6, out / "fig6.png")
@@ -277,7 +238,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
         [{**r, "phase": "finetune"} for r in m_ft["records"]]
     results = {"settings": {"model": str(model), "base_dir": str(base), "seed": seed, "dataset": "daxwug",
                             "fig6_units": "entries: position x layer (MLPs), position x layer x head (heads)",
-                            "pearson_p": "two-sided, Student t with n-2 df (regularized incomplete beta)"},
+                            "pearson_p": "permutation test (stats.perm_pearson), two-sided"},
                "table3": ranks, "paper_table3": {k: dict(zip(TABLE3_COLS, v)) for k, v in PAPER_TABLE3.items()},
                "fig6": fig6, "fig4_facts_first": facts_first, "stage_times_s": times,
                "wall_time_s": round(time.time() - t0, 1)}

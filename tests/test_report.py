@@ -1,11 +1,11 @@
 """report.py: REPORT.md from small stub stage outputs (every section, table, figure link and verdict line), the
 verdict criteria on known numbers, and a failed stage that neither stops the rest nor loses finished ones."""
 import json
-import sys
 
 import torch
 from safetensors.torch import save_file
 
+import paper
 import report as R
 
 PNG = bytes.fromhex("89504e470d0a1a0a")                           # a PNG signature is enough to copy
@@ -27,13 +27,13 @@ def write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def stub_seed(w, first_impl=1.0, graft_ok=True):
+def stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=1.0, impl_first_forgets=False):
     """Stage outputs of one seed, as the stages write them, with numbers that reproduce every claim."""
     args = {"lr": 3e-4, "epochs": 2, "batch_size": 8, "constant_lr": False, "dtype": "float32", "train_all": False,
             "threads": 2}
-    for hop, impl in (("first_hop", first_impl), ("second_hop", 2.0)):
+    for hop, impl, fact in (("first_hop", first_impl, 0.0), ("second_hop", 2.0, second_fact)):
         write(w / hop / "metrics.json", {"args": args, "n_params": 1000, "n_trainable": 800, "base_model": "/base",
-                                         "records": records(["finetune"], 0.0, impl)})
+                                         "records": records(["finetune"], fact, impl)})
         L, Ta = 6, 5
         inf = torch.zeros(Ta, L)
         if hop == "first_hop":
@@ -42,7 +42,10 @@ def stub_seed(w, first_impl=1.0, graft_ok=True):
             inf[-1, 5] = 1.0                                       # late layer, last token
         sc = w / f"scores_{hop}"
         sc.mkdir(parents=True)
-        save_file({"informative.mlp": inf, "informative.attn": torch.zeros(Ta, L, 2)}, str(sc / "scores.safetensors"))
+        down = torch.zeros(Ta, L)
+        down[-1, 5] = 1.0                                          # downstream: late layer, last token
+        save_file({"informative.mlp": inf, "informative.attn": torch.zeros(Ta, L, 2), "downstream.mlp": down,
+                   "downstream.attn": torch.zeros(Ta, L, 2)}, str(sc / "scores.safetensors"))
         (sc / "scores.png").write_bytes(PNG)
         early_impl, late_impl = (8.0, impl) if hop == "first_hop" else (impl, 7.0)
         write(w / f"freeze_post_{hop}.json", {
@@ -56,22 +59,30 @@ def stub_seed(w, first_impl=1.0, graft_ok=True):
           "W_F'": {"Impl F'": 9.0, "Impl F": 8.5, "F'": 0.0},
           "W_graft": {"Impl F'": 1.0 if graft_ok else 9.0, "Impl F": 3.0, "F'": 0.1},
           "W~_graft": {"Impl F'": 8.4, "Impl F": 0.4, "F'": 0.3}}
-    f6 = {c: {"r": 0.3, "p": 0.01, "n": n, "downstream": [0.0] * n, "informative": [0.0] * n}
-          for c, n in (("mlp", 6), ("heads", 12))}
+    g = torch.Generator().manual_seed(int(w.name.removeprefix("seed")))   # per-entry scores (Ta, L), (Ta, L, H)
+    f6 = {}
+    for c, shape in (("mlp", [5, 6]), ("heads", [5, 6, 2])):
+        x = torch.randn(shape, generator=g).flatten()
+        f6[c] = {"shape": shape, "downstream": x.tolist(),
+                 "informative": (x + 0.5 * torch.randn(x.shape, generator=g)).tolist()}
     write(w / "graft" / "results.json", {"table3": t3, "fig6": f6,
                                          "fig4_facts_first": records(["pretrain_facts", "pretrain_impls", "finetune"],
                                                                      0.0, 1.0)})
     (w / "graft" / "fig6.png").write_bytes(PNG)
+    # impl_first ends continued pretraining on the facts; forgetting the implications shows at its last record
     write(w / "daxwug_impl_first" / "metrics.json",
-          {"records": records(["pretrain_impls", "pretrain_facts"], 0.0, 0.5) + records(["finetune"], 0.0, 8.0)})
+          {"records": records(["pretrain_impls", "pretrain_facts"], 0.0, 6.0 if impl_first_forgets else 0.5)
+           + records(["finetune"], 0.0, 8.0)})
     write(w / "daxwug_joint" / "metrics.json",
           {"args": args, "records": records(["pretrain_joint"], 0.0, 0.0) + records(["finetune"], 0.0, 2.0)})
+    write(w / "preconditions.json", {"city_language": 0.5, "landmark_city": landmark_city,
+                                     "in_context_first_hop": 1.0, "in_context_second_hop": 3.0})
     write(w / "stage_times.json", {"first_hop": {"status": "ok", "seconds": 12.5, "load_at_start": 1.0}})
 
 
 def verdict_lines(text):
-    lines = text.split("## Verdicts")[1].split("## Settings")[0].strip().splitlines()[2:]
-    return [ln for ln in lines if ln.startswith("|")]
+    lines = text.split("## Verdicts")[1].split("## Preconditions")[0].strip().splitlines()
+    return [ln for ln in lines if ln.startswith("|")][2:]                # without the header and its rule
 
 
 def test_report_has_every_section_table_figure_and_verdict(tmp_path):
@@ -81,22 +92,27 @@ def test_report_has_every_section_table_figure_and_verdict(tmp_path):
         stub_seed(work / f"seed{seed}", first_impl=1.0 + seed)
     R.write_report("stub-model", [0, 1], work, out)
     text = (out / "REPORT.md").read_text()
-    for heading in ("## Verdicts", "## Settings", "## Fig. 2", "## Fig. 3", "## Table 2", "## Fig. 4", "## Table 3",
-                    "## Fig. 6", "## Stage times"):
-        assert heading in text, heading
-    for row in R.PAPER_TABLE2:                                     # Table 2: every row, ours and the paper's
+    for heading in ("## Verdicts", "## Preconditions", "## Seed spread", "## Settings", "## Fig. 2", "## Fig. 3",
+                    "## Table 2", "## Fig. 4", "## Table 3", "## Fig. 6", "## Stage times"):
+        assert text.count(heading) == 1, heading                   # each once: Table 3 is rendered once
+    for row in paper.TABLE2:                                       # Table 2: every row, ours and the paper's
         assert f"| {row} |" in text, row
-    assert "| Early | 3.00 ± 0.00 | 5.10 |" in text                # two seeds: mean ± sd beside the paper's number
-    for w in R.graft.PAPER_TABLE3:
+    assert "| Early | 3.00 ± 0.00 | 5.10 |" in text                # two seeds: mean ± s.e. beside the paper's number
+    assert "| None | 0.00 ± 0.00 | 0.00 | 1.50 ± 0.50 | 0.00 |" in text      # s.e. of (1, 2): sd 0.71 / sqrt 2
+    for w in paper.TABLE3:
         assert f"| {w} |" in text, w
     assert "| W_graft | 1.00 ± 0.00 | 1.13 |" in text
+    assert "| Table 2 None first_hop impl | 1.00 / 2.00 | 1.50 ± 0.50 | 1.00 |" in text     # the seed spread
+    assert "| base: landmark -> city (second hop's known hop) | 1.00 / 1.00 | 1.00 ± 0.00 |" in text
     for f in ("fig2.png", "fig3_first_hop.png", "fig3_second_hop.png", "fig4.png", "fig6.png"):
         assert f"]({f})" in text and (out / f).exists(), f
     lines = verdict_lines(text)
     assert len(lines) == 8                                         # Fig. 2 x2, Fig. 3, Table 2 x2, Fig. 4, Table 3, Fig. 6
     assert all("**reproduced**" in ln for ln in lines), "\n".join(l for l in lines if "**reproduced**" not in l)
     res = json.loads((out / "results.json").read_text())
-    assert res["table2"]["None"]["first_hop"]["impl"] == [1.0, 2.0]
+    assert res["table2"]["None"]["first_hop"]["impl"] == [1.0, 2.0]       # per-seed values, in seed order
+    assert res["fig6"]["mlp"]["n"] == 60 and res["fig6"]["heads"]["n"] == 120    # entries of both seeds, pooled
+    assert res["fig6"]["mlp"]["units"] == "per position x layer" and 0 < res["fig6"]["mlp"]["p_perm"] < 0.01
 
 
 def test_verdicts_follow_their_criteria(tmp_path):
@@ -106,7 +122,37 @@ def test_verdicts_follow_their_criteria(tmp_path):
     v = {claim.split(":")[0]: verdict for claim, verdict, _, _ in R.verdicts(res)}
     assert v["Fig. 2 first-hop OCR"] == "not"                       # 9.5 -> 9.2 is a fall of less than 0.5
     assert v["Fig. 2 second-hop OCR"] == "reproduced"
-    assert v["Table 3"] == "not"                                    # criterion (i) fails
+    assert v["Table 3 grafting"] == "not"                           # criterion (i) fails
+    assert v["Table 2 (post)"] == "partly"                          # the second hop's half still holds
+
+
+def test_fig6_old_per_component_format_still_reads(tmp_path):
+    w = tmp_path / "seed0"
+    stub_seed(w)
+    g = json.loads((w / "graft" / "results.json").read_text())
+    for c in ("mlp", "heads"):                                      # graft.py before per-entry scores: no "shape"
+        del g["fig6"][c]["shape"]
+    write(w / "graft" / "results.json", g)
+    f6 = R.collect("stub", [0], tmp_path)["fig6"]
+    assert f6["mlp"]["units"].startswith("per component") and f6["mlp"]["n"] == 30
+
+
+def test_unlearned_facts_and_unknown_hops_are_inconclusive(tmp_path):
+    stub_seed(tmp_path / "seed0", second_fact=5.5)                  # the second-hop finetune never learned its facts
+    v = {claim.split(":")[0]: verdict for claim, verdict, _, _ in R.verdicts(R.collect("stub", [0], tmp_path))}
+    assert v["Fig. 2 second-hop OCR"] == "inconclusive" and v["Fig. 2 first-hop OCR"] == "reproduced"
+    for claim in ("Fig. 3 localization", "Table 2 (post)", "Table 2 (pre)"):
+        assert v[claim] == "inconclusive", claim
+    stub_seed(tmp_path / "seed1", landmark_city=4.0)                # the base model does not know landmark -> city
+    a = {x["id"]: x for x in R.claims.assess(R.collect("stub", [1], tmp_path))}
+    assert a["fig2_second_hop"]["verdict"] == "inconclusive" and "landmark -> city" in a["fig2_second_hop"]["precondition"]
+    assert a["fig2_first_hop"]["verdict"] == "reproduced"
+
+
+def test_fig4_sees_forgetting_at_the_end_of_continued_pretraining(tmp_path):
+    stub_seed(tmp_path / "seed0", impl_first_forgets=True)
+    a = {x["id"]: x for x in R.claims.assess(R.collect("stub", [0], tmp_path))}
+    assert a["fig4"]["verdict"] == "partly"                          # the OCR gaps hold, the train split does not
 
 
 def test_missing_stage_still_renders(tmp_path):
@@ -116,6 +162,7 @@ def test_missing_stage_still_renders(tmp_path):
     shutil.rmtree(w / "graft")
     write(w / "stage_times.json", {"graft": {"status": "failed", "seconds": 3.0, "error": "exit 1: error: boom"}})
     text = R.render(R.collect("stub", [0], tmp_path / "work"), {})   # the pure renderer, no figure files
+    assert R.render(R.collect("stub", [0], tmp_path / "work"), {}) == text
     assert "not available" in text and "## Failed stages" in text and "error: boom" in text
     # Fig. 4 (its facts-first ordering comes from the graft stage), Table 3 and Fig. 6
     assert sum("**missing**" in ln for ln in verdict_lines(text)) == 3
@@ -123,10 +170,13 @@ def test_missing_stage_still_renders(tmp_path):
 
 def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
     done = tmp_path / "seed0" / "b.txt"
-    fake = [("a", tmp_path / "seed0" / "a.txt", [sys.executable, "-c", "import sys; sys.exit('error: boom')"]),
-            ("b", done, [sys.executable, "-c", f"open({str(done)!r}, 'w').write('x')"]),
+
+    def fail(msg):
+        raise ValueError(msg)
+    fake = [("a", tmp_path / "seed0" / "a.txt", lambda: fail("error: boom")),
+            ("b", done, lambda: done.write_text("x")),
             ("c", tmp_path / "seed0" / "c.txt", lambda: (_ for _ in ()).throw(RuntimeError("kaput")))]
-    monkeypatch.setattr(R, "stages", lambda model, seed, w: fake)
+    monkeypatch.setattr(R, "stages", lambda model, seed, w, base, device: fake)
     R.run_stages("m", [0], tmp_path)
     times = json.loads((tmp_path / "seed0" / "stage_times.json").read_text())
     assert times["a"]["status"] == "failed" and "boom" in times["a"]["error"]
