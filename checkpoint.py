@@ -97,6 +97,14 @@ def safetensors_files(path: Path):
     return files
 
 
+def open_shard(f):
+    """safe_open of one weight file; a truncated or corrupt file is a UserError that names it."""
+    try:
+        return safe_open(f, framework="pt", device="cpu")
+    except Exception as e:
+        raise UserError(f"cannot read {f}: {e} (truncated or corrupt file? re-download it)") from None
+
+
 def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=None) -> Transformer:
     path = resolve(name_or_path, revision)
     cfg = load_config(path)
@@ -106,7 +114,7 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=No
     state = {}
     for f in safetensors_files(path):
         try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
+            with open_shard(f) as sf:
                 for key in sf.keys():
                     if key not in expected:
                         # tied checkpoints may still carry lm_head.weight; rotary caches are derived

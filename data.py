@@ -256,6 +256,8 @@ def ranks_from_logits(logits_last, correct, cand_ids):
     """(N,) 0-indexed rank of each correct candidate; ties count half. logits_last (N, V); correct (N,) index
     into cand_ids (C,)."""
     s = logits_last[:, cand_ids.to(logits_last.device)]                     # (N, C)
+    if not bool(torch.isfinite(s).all()):                                   # NaN compares unequal: no rank
+        raise ValueError("the model's logits are not finite (nan or inf): the weights are damaged or diverged")
     own = s.gather(1, correct.to(s.device)[:, None])                        # (N, 1)
     higher = (s > own).sum(1).float()
     ties = (s == own).sum(1).float() - 1                                    # the others scoring the same

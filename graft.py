@@ -24,7 +24,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import cli
@@ -32,8 +31,8 @@ import data
 import scores
 import train
 from checkpoint import (DEFAULT_NAME, UserError, atomic_dir, check_output, check_same_base, copy_side_files,
-                        from_pretrained, load_tokenizer, read_json, resolve, safetensors_files, save_figure,
-                        work_dir, write_json)
+                        from_pretrained, load_tokenizer, open_shard, read_json, resolve, safetensors_files,
+                        save_figure, work_dir, write_json)
 from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
 from stats import fig6_stats
 
@@ -44,7 +43,7 @@ def _open_all(stack, path):
     """{weight name: open safetensors handle} over all shards of a checkpoint."""
     where = {}
     for f in safetensors_files(path):
-        h = stack.enter_context(safe_open(f, framework="pt", device="cpu"))
+        h = stack.enter_context(open_shard(f))
         where.update({k: h for k in h.keys()})
     return where
 
@@ -66,7 +65,7 @@ def graft(base, add, sub, out, overwrite=False, log=print):
                                      "checkpoints finetuned from one base model")
             total = 0
             for shard in safetensors_files(paths[0]):
-                with safe_open(shard, framework="pt", device="cpu") as sf:
+                with open_shard(shard) as sf:
                     keys = list(sf.keys())
                 state = {}
                 for k in keys:
@@ -111,8 +110,8 @@ def train_stage(start, train_ex, other, out, s, log=print):
     t0 = time.time()
     phases = [("finetune", train_ex, {"facts": train_ex, "implications": other})]
     records, facts = train.finetune(model, load_tokenizer(model.source), phases, s, log)
-    metrics = {"args": dataclasses.asdict(s), "base_model": str(model.source), **facts, "torch_threads": torch.get_num_threads(),
-               "wall_time_s": time.time() - t0, "records": records}
+    metrics = {"args": dataclasses.asdict(s), "base_model": str(model.source), **facts,
+               "torch_threads": torch.get_num_threads(), "wall_time_s": time.time() - t0, "records": records}
     train.save(model, out, metrics, s.overwrite, log=log)
     del model
     gc.collect()
@@ -150,7 +149,7 @@ def scatter(fig6, path):
         ax.axvline(0, color="grey", lw=0.5)
         ax.set(xlabel="downstream score (OCR finetune of W_F,ImplF on test facts)",
                ylabel="informative score (W_F' -> W_graft, Impl F')",
-               title=f"{'MLPs' if comp == 'mlp' else 'attention heads'} (position x layer{' x head' * (comp == 'heads')}"
+               title=f"{'MLPs' if comp == 'mlp' else 'heads'} (position x layer{' x head' * (comp == 'heads')}"
                      f"): r = {f['r']:.3f}, p = {f['p']:.2g}, n = {f['n']}")
         ax.title.set_fontsize(8)
         ax.xaxis.label.set_fontsize(8)

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 import cli
 import data
 import speedups
 from optim import AdamInBackward
 from checkpoint import (DEFAULT_NAME, UserError, atomic_dir, check_output, from_pretrained, load_config,
-                        load_tokenizer, resolve, safetensors_files, write_checkpoint, write_json)
+                        load_tokenizer, open_shard, resolve, safetensors_files, write_checkpoint, write_json)
 
 EARLY_FRACTION = 0.75      # Table 2: "early" = the first 75% of the layers, rounded half up (30 -> 23, 32 -> 24)
 
@@ -66,7 +65,7 @@ def reset_layers(model, layers):
     done = set()
     with torch.no_grad():
         for f in safetensors_files(Path(model.source)):
-            with safe_open(f, framework="pt", device="cpu") as sf:
+            with open_shard(f) as sf:
                 for key in sf.keys():
                     if key.startswith(prefixes):
                         params[key].copy_(sf.get_tensor(key))
@@ -209,6 +208,9 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
                 if not math.isfinite(losses[-1]):
                     raise UserError(f"training diverged: the loss is {losses[-1]} at {phase} epoch {epoch} "
                                     f"(lr {s.lr:g}); nothing was written: try a smaller --lr")
+            if not all(bool(torch.isfinite(p).all()) for p in params):        # once an epoch: one pass over them
+                raise UserError(f"training diverged: the weights are not finite after {phase} epoch {epoch} "
+                                f"(lr {s.lr:g}); nothing was written: try a smaller --lr")
             records.append(record(epoch, sum(losses) / len(losses), t0))   # loss: the mean over the epoch's batches
     finally:
         opt.remove()
