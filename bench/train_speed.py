@@ -31,7 +31,8 @@ if __package__ in (None, ""):                                     # run as a fil
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data                                                       # noqa: E402
 import train                                                      # noqa: E402
-from model import from_pretrained, load_config, load_tokenizer, resolve   # noqa: E402
+import speedups                                                   # noqa: E402
+from checkpoint import from_pretrained, load_config, load_tokenizer, resolve   # noqa: E402
 
 
 def rss_mib():
@@ -60,7 +61,7 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
     """Load one contender, then serve ("step", rows, lr) / ("eval",) / ("mem",) requests until ("stop",)."""
     torch.set_num_threads(threads)
     if kind != "transformers" or hf_keep:
-        train.keep_freed_memory()                                 # as train.py does on CPU
+        speedups.keep_freed_memory()                              # as train.py does on CPU
     torch.manual_seed(seed)
     tok = load_tokenizer(path)
     ds = data.load_dataset(ds_name, seed=seed)
@@ -148,7 +149,7 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
     p.add_argument("--hf-fused-adam", action="store_true", help="give transformers our fused Adam as well")
     p.add_argument("--hf-keep-freed", action="store_true",
-                   help="give transformers our malloc setting as well (train.keep_freed_memory)")
+                   help="give transformers our malloc setting as well (speedups.keep_freed_memory)")
     p.add_argument("--contenders", default="ours-fp32,ours-bf16,transformers", help="comma-separated subset")
     args = p.parse_args()
     path = str(resolve(args.model))
