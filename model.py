@@ -1,4 +1,5 @@
-"""One minimal decoder-only transformer for the Llama, OLMo, OLMo 2, Gemma 2 and Qwen 2 checkpoint families.
+"""One minimal decoder-only transformer for the Llama, Mistral, OLMo, OLMo 2, Gemma 2, Gemma 3 and Qwen 2
+checkpoint families.
 
 Built from a checkpoint's `config.json` (checkpoint.py loads it straight from its `*.safetensors`, never
 through `transformers`). Module names mirror the Hugging Face keys, so loading is `load_state_dict(strict=True)`
@@ -22,6 +23,14 @@ from kernels.attention import attention
 
 # --- config: the architecture, field by field from config.json ----------------------------------
 
+# Gemma 3: the defaults of transformers' Gemma3TextConfig, for the fields a checkpoint's config.json may omit
+# (google/gemma-3-4b-pt's text_config lists only what differs from them, e.g. no head counts)
+GEMMA3_DEFAULTS = dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+                       sliding_window=4096, sliding_window_pattern=6, rope_theta=1_000_000.0,
+                       rope_local_base_freq=10_000.0, tie_word_embeddings=True)
+
+
 @dataclass(frozen=True)
 class Config:
     model_type: str
@@ -33,8 +42,10 @@ class Config:
     head_dim: int                  # E
     ffn_dim: int                   # F, intermediate_size
     norm_eps: float
-    rope_theta: float
+    rope_theta: float              # RoPE base (Gemma 3: of the full-attention layers)
     rope_llama3: tuple | None      # (factor, low_freq_factor, high_freq_factor, original_max_positions)
+    rope_linear: float | None      # Gemma 3 4B+: positions divided by this factor (full-attention layers only)
+    rope_local_theta: float | None # Gemma 3: RoPE base of the sliding-window layers (None: one table for all)
     tie_embeddings: bool
     activation: str                # "silu" or "gelu_tanh"
     norm: str                      # "rms", "rms_plus_one" (Gemma), "layernorm_noparam" (OLMo)
@@ -42,11 +53,11 @@ class Config:
     o_bias: bool
     mlp_bias: bool
     clip_qkv: float | None         # OLMo: clamp q, k, v
-    qk_norm: bool                  # OLMo 2: RMSNorm on q and k (over all heads together)
+    qk_norm: str | None            # RMSNorm on q and k: "all_heads" (OLMo 2, over H*E) or "per_head" (Gemma 3, over E)
     post_norms: bool               # OLMo 2: norms after attention and MLP instead of before
-    sandwich_norms: bool           # Gemma 2: norms before and after attention and MLP
-    embed_scale: bool              # Gemma 2: embeddings times sqrt(D)
-    attn_scale: float              # softmax temperature: E**-0.5, Gemma 2: query_pre_attn_scalar**-0.5
+    sandwich_norms: bool           # Gemma 2, 3: norms before and after attention and MLP
+    embed_scale: bool              # Gemma 2, 3: embeddings times sqrt(D)
+    attn_scale: float              # softmax temperature: E**-0.5, Gemma: query_pre_attn_scalar**-0.5
     attn_softcap: float | None     # Gemma 2
     final_softcap: float | None    # Gemma 2
     sliding_window: int | None
@@ -56,55 +67,93 @@ class Config:
     @staticmethod
     def from_json(cfg: dict) -> "Config":
         mt = cfg.get("model_type")
-        if mt not in ("llama", "olmo", "olmo2", "gemma2", "qwen2"):
-            raise ValueError(f"unsupported model_type {mt!r}: supported are llama, olmo, olmo2, gemma2, qwen2")
+        if mt == "gemma3":                                        # Gemma 3 4B+: the text model is one part
+            cfg = {**cfg.get("text_config", {}), "model_type": "gemma3_text"}
+            mt = "gemma3_text"
+        supported = ("llama", "mistral", "olmo", "olmo2", "gemma2", "gemma3_text", "qwen2")
+        if mt not in supported:
+            raise ValueError(f"unsupported model_type {mt!r}: supported are {', '.join(supported)}, gemma3")
+        gemma2, gemma3 = mt == "gemma2", mt == "gemma3_text"
+        gemma = gemma2 or gemma3
+        if gemma3:
+            cfg = {**GEMMA3_DEFAULTS, **cfg}
+            if cfg.get("use_bidirectional_attention"):
+                raise ValueError("unsupported config: gemma3 with use_bidirectional_attention=true")
         H = cfg["num_attention_heads"]
         E = cfg.get("head_dim") or cfg["hidden_size"] // H
         L = cfg["num_hidden_layers"]
-        # transformers >= 5 writes rope settings as `rope_parameters`; older configs as rope_theta + rope_scaling
-        rope = dict(cfg.get("rope_parameters") or {})
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or rope
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        llama3 = None
-        if rope_type == "llama3":
-            llama3 = (scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
-                      scaling["original_max_position_embeddings"])
-        elif rope_type != "default":
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
+        theta, llama3, linear, local_theta = Config.rope_settings(cfg, gemma3)
         if cfg.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("unsupported config: partial_rotary_factor != 1")
         if mt == "qwen2" and cfg.get("use_sliding_window"):
             raise ValueError("unsupported config: qwen2 with use_sliding_window=true")
-        gemma = mt == "gemma2"
         act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
         if act not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported activation {act!r} (supported: silu, gelu_pytorch_tanh)")
-        sliding = ()
+        window = cfg.get("sliding_window") if gemma or mt == "mistral" else None
+        if gemma3 and not cfg.get("layer_types"):
+            # older Gemma 3 configs: every `sliding_window_pattern`-th layer is global, the rest slide
+            n = cfg["sliding_window_pattern"]
+            cfg["layer_types"] = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(L)]
         if gemma:
             # transformers >= 5 lists layer_types; older Gemma 2 configs mean "even layers slide"
             types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
                                                for i in range(L)]
             sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        else:                                                     # Mistral: every layer, when it has a window
+            sliding = tuple(range(L)) if window is not None else ()
         return Config(
             model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=L, n_heads=H,
             n_kv_heads=cfg.get("num_key_value_heads") or H, head_dim=E, ffn_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_llama3=llama3,
+            rope_linear=linear, rope_local_theta=local_theta,
             tie_embeddings=cfg.get("tie_word_embeddings", gemma),
             activation="silu" if act == "silu" else "gelu_tanh",
-            norm={"gemma2": "rms_plus_one", "olmo": "layernorm_noparam"}.get(mt, "rms"),
+            norm="rms_plus_one" if gemma else "layernorm_noparam" if mt == "olmo" else "rms",
             qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),   # Qwen 2: q/k/v biases
             o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             clip_qkv=cfg.get("clip_qkv") if mt == "olmo" else None,
-            qk_norm=mt == "olmo2", post_norms=mt == "olmo2", sandwich_norms=gemma, embed_scale=gemma,
+            qk_norm={"olmo2": "all_heads", "gemma3_text": "per_head"}.get(mt),
+            post_norms=mt == "olmo2", sandwich_norms=gemma, embed_scale=gemma,
             attn_scale=(cfg["query_pre_attn_scalar"] if gemma else E) ** -0.5,
             attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
             final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
-            sliding_window=cfg.get("sliding_window") if gemma else None,
-            sliding_layers=sliding,
+            sliding_window=window, sliding_layers=sliding,
             max_positions=cfg.get("max_position_embeddings"),
         )
+
+    @staticmethod
+    def rope_settings(cfg: dict, gemma3: bool):
+        """(theta, llama3, linear, local_theta) from either spelling of the RoPE settings."""
+        # transformers >= 5 writes `rope_parameters` (Gemma 3: one dict per layer type);
+        # older configs write rope_theta + rope_scaling (Gemma 3: + rope_local_base_freq for the local layers)
+        rope = dict(cfg.get("rope_parameters") or {})
+        local_theta = None
+        if gemma3:
+            if "sliding_attention" in rope:
+                local = rope["sliding_attention"]
+                if local.get("rope_type", "default") != "default":
+                    raise ValueError(f"unsupported rope_parameters.sliding_attention.rope_type "
+                                     f"{local['rope_type']!r} (supported: default)")
+                local_theta = float(local.get("rope_theta", cfg["rope_local_base_freq"]))
+            else:
+                local_theta = float(cfg["rope_local_base_freq"])
+            rope = dict(rope.get("full_attention") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        llama3 = linear = None
+        if rope_type == "llama3" and not gemma3:
+            llama3 = (scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                      scaling["original_max_position_embeddings"])
+        elif rope_type == "linear" and gemma3:                    # Gemma 3 4B+: on the global layers only
+            linear = float(scaling["factor"])
+        elif rope_type != "default":
+            supported = "default, linear" if gemma3 else "default, llama3"
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (rope_scaling / rope_parameters; "
+                             f"supported for this model_type: {supported})")
+        return theta, llama3, linear, local_theta
 
 
 # --- taps: reading and replacing named activations ------------------------------------------------
@@ -155,7 +204,7 @@ def matmul_dtype(x):
 
 
 class Norm(nn.Module):
-    """RMSNorm (Llama, Qwen 2, OLMo 2), RMSNorm with (1 + w) (Gemma 2), or parameter-free LayerNorm (OLMo)."""
+    """RMSNorm (Llama, Qwen 2, OLMo 2), RMSNorm with (1 + w) (Gemma 2, 3), or parameter-free LayerNorm (OLMo)."""
 
     def __init__(self, dim, kind, eps):
         super().__init__()
@@ -169,15 +218,19 @@ class Norm(nn.Module):
         if self.kind == "layernorm_noparam":                      # OLMo: eps fixed at 1e-5
             return F.layer_norm(xf, xf.shape[-1:], eps=1e-5).to(x.dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.kind == "rms_plus_one":                           # Gemma 2: scale in fp32, then cast
+        if self.kind == "rms_plus_one":                           # Gemma: scale in fp32, then cast
             return (xf * (1.0 + upcast(self.weight))).to(x.dtype)
         return self.weight * xf.to(x.dtype)                       # Llama: cast, then scale
 
 
-def rope_tables(cfg: Config, T, device):
-    """cos, sin of shape (T, E) for rotate-half RoPE, fp32."""
+def rope_tables(cfg: Config, T, device, local=False):
+    """cos, sin of shape (T, E) for rotate-half RoPE, fp32. `local`: the table of the sliding-window layers
+    (Gemma 3: its own base, never scaled)."""
     E = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float64, device=device) / E)
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, E, 2, dtype=torch.float64, device=device) / E)
+    if cfg.rope_linear is not None and not local:                 # Gemma 3 4B+: positions / factor
+        inv_freq = inv_freq / cfg.rope_linear
     if cfg.rope_llama3 is not None:
         # Llama 3.1: slow down low frequencies by `factor`, keep high ones, interpolate in between
         factor, lo, hi, old_len = cfg.rope_llama3
@@ -208,9 +261,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, K * E, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, K * E, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * E, D, bias=cfg.o_bias)
-        if cfg.qk_norm:                                           # OLMo 2: over all heads at once
+        if cfg.qk_norm == "all_heads":                            # OLMo 2: over all heads at once
             self.q_norm = Norm(H * E, "rms", cfg.norm_eps)
             self.k_norm = Norm(K * E, "rms", cfg.norm_eps)
+        elif cfg.qk_norm == "per_head":                           # Gemma 3: each head's E dims, weight (1 + w)
+            self.q_norm = Norm(E, cfg.norm, cfg.norm_eps)
+            self.k_norm = Norm(E, cfg.norm, cfg.norm_eps)
 
     def forward(self, x, rope, mask, window, taps, pre, impl):
         cfg = self.cfg
@@ -221,10 +277,13 @@ class Attention(nn.Module):
         v = _tap(taps, pre + "v", self.v_proj(x))                 # (B, T, K*E)
         if cfg.clip_qkv is not None:                              # OLMo
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        if cfg.qk_norm:
+        if cfg.qk_norm == "all_heads":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.view(B, T, H, E), *rope)                 # (B, T, H, E)
-        k = apply_rope(k.view(B, T, K, E), *rope)                 # (B, T, K, E)
+        q, k = q.view(B, T, H, E), k.view(B, T, K, E)             # (B, T, H, E), (B, T, K, E)
+        if cfg.qk_norm == "per_head":                             # Gemma 3: before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, *rope)                                  # (B, T, H, E)
+        k = apply_rope(k, *rope)                                  # (B, T, K, E)
         v = v.view(B, T, K, E)
         z = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, H, T, E)
                       scale=cfg.attn_scale, softcap=cfg.attn_softcap, window=window,
@@ -257,19 +316,23 @@ class Block(nn.Module):
         n = lambda: Norm(cfg.dim, cfg.norm, cfg.norm_eps)        # OLMo: parameter-free, so no keys
         if not cfg.post_norms:                                    # OLMo 2 has no pre-norms
             self.input_layernorm = n()
-        self.post_attention_layernorm = n()                       # pre-MLP (Llama), post-attention (OLMo 2, Gemma 2)
-        if cfg.sandwich_norms:                                    # Gemma 2
+        self.post_attention_layernorm = n()                       # pre-MLP (Llama), post-attention (OLMo 2, Gemma)
+        if cfg.sandwich_norms:                                    # Gemma 2, 3
             self.pre_feedforward_layernorm = n()
         if cfg.post_norms or cfg.sandwich_norms:
             self.post_feedforward_layernorm = n()
         self.window = cfg.sliding_window if i in cfg.sliding_layers else None
+        # the key of this layer's RoPE table in what Transformer.prepare returns (Gemma 3: local or global)
+        self.rope_key = "sliding_attention" if i in cfg.sliding_layers else "full_attention"
 
     def attn_sublayer(self, resid, rope, mask, taps=None, impl="auto"):
-        """The attention's write into the residual stream, from the residual stream `resid`."""
+        """The attention's write into the residual stream, from the residual stream `resid`; `rope` as
+        Transformer.prepare returns it (this layer picks its own table)."""
         pre, cfg = f"layers.{self.i}.", self.cfg
         x = resid if cfg.post_norms else self.input_layernorm(resid)
         x = _tap(taps, pre + "attn_in", matmul_dtype(x))
-        out = _tap(taps, pre + "attn_out", self.self_attn(x, rope, mask, self.window, taps, pre, impl))
+        out = self.self_attn(x, rope[self.rope_key], mask, self.window, taps, pre, impl)
+        out = _tap(taps, pre + "attn_out", out)
         if cfg.post_norms or cfg.sandwich_norms:
             out = self.post_attention_layernorm(out)
         return out
@@ -321,15 +384,19 @@ class Transformer(nn.Module):
         return self.model.layers
 
     def prepare(self, input_ids, attention_mask=None):
-        """What every layer needs besides the residual stream: RoPE tables and the padding mask."""
-        T = input_ids.shape[1]
-        return rope_tables(self.config, T, input_ids.device), attention_mask
+        """What every layer needs besides the residual stream: (rope, mask), the same for every block.
+        rope maps a layer type to its (cos, sin) tables, both (T, E): one table for all layers, except
+        Gemma 3, whose sliding-window layers have a RoPE base of their own."""
+        cfg, T, dev = self.config, input_ids.shape[1], input_ids.device
+        full = rope_tables(cfg, T, dev)
+        local = rope_tables(cfg, T, dev, local=True) if cfg.rope_local_theta is not None else full
+        return {"full_attention": full, "sliding_attention": local}, attention_mask
 
     def hidden(self, input_ids, attention_mask=None, taps=None):
         """Final-normed hidden states (B, T, D). Right padding keeps positions 0..n-1 for real tokens."""
         rope, mask = self.prepare(input_ids, attention_mask)
         h = self.model.embed_tokens(input_ids)                     # (B, T, D)
-        if self.config.embed_scale:                               # Gemma 2: sqrt(D), rounded to the dtype
+        if self.config.embed_scale:                               # Gemma 2, 3: sqrt(D), rounded to the dtype
             h = h * torch.tensor(self.config.dim ** 0.5, dtype=h.dtype)
         for block in self.model.layers:
             h = block(h, rope, mask, taps, self.attn_impl)

@@ -36,8 +36,12 @@ def split_layers(n_layers, which):
     return list(range(n_early)) if which == "early" else list(range(n_early, n_layers))
 
 
-def default_lr(n_params):
-    """The paper's 3e-6 for 7B checkpoints; small models need a larger rate (REFERENCE.md)."""
+def default_lr(model_name, n_params):
+    """The peak learning rate when --lr is not given: measured per embedded model (default_model.EMBEDDED), else by
+    size: the paper's 3e-6 for 7B checkpoints; small models need a larger rate (REFERENCE.md)."""
+    from default_model import EMBEDDED
+    if str(model_name) in EMBEDDED:
+        return EMBEDDED[str(model_name)].lr
     if n_params >= 3e9:
         return 3e-6
     if n_params >= 1e9:
@@ -286,7 +290,7 @@ def run(s: Settings, log=print, model=None):
     if model is None:
         model = from_pretrained(path, dtype=torch.float32, device=s.device)   # fp32 master weights
     if s.lr is None:
-        s.lr = default_lr(sum(p.numel() for p in model.parameters()))
+        s.lr = default_lr(s.model, sum(p.numel() for p in model.parameters()))
     records, facts = finetune(model, tok, phases, s, log)
     metrics = {"args": asdict(s), "base_model": str(model.source), **facts,
                "torch_threads": torch.get_num_threads(), "wall_time_s": time.time() - t_start, "records": records}
@@ -330,7 +334,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="first_hop",
                    help="first_hop, second_hop, daxwug, or a .json file {facts: [...], implications: [...]}")
     p.add_argument("--lr", type=cli.positive_float, default=None,
-                   help="peak learning rate; default by size: 3e-4 below 1B parameters, 3e-5 below 3B, 3e-6 above")
+                   help="peak learning rate; default: the embedded model's measured rate (smollm2-135m 3e-4, "
+                        "gemma3-270m 1e-4), else by size: 3e-4 below 1B parameters, 3e-5 below 3B, 3e-6 above")
     p.add_argument("--constant-lr", action="store_true", help="constant rate instead of warmup + linear decay")
     p.add_argument("--epochs", type=cli.positive_int, default=8, help="epochs per phase")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="training batch size")

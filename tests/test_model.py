@@ -26,6 +26,15 @@ FAMILIES = {
                                                 sliding_window=5, attn_logit_softcapping=2.0,
                                                 final_logit_softcapping=5.0, pad_token_id=0),
     "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=False),
+    # Gemma 3: per-head q/k norms, a local and a global RoPE base, linear scaling of the global one (4B+),
+    # one key/value head (as the 270M and 1B)
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**TINY, "num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=24, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0}}),
+    # Mistral: Llama with a sliding window on every layer
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=5, head_dim=24),
 }
 
 
@@ -66,10 +75,11 @@ def test_logits_match_transformers(family, tmp_path):
     assert (got[2, :3] - got_unpadded[0]).abs().max() < 1e-4
 
 
-def test_gemma2_longer_than_window(tmp_path):
-    ref = save_tiny("gemma2", tmp_path)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral"])
+def test_longer_than_window(family, tmp_path):
+    ref = save_tiny(family, tmp_path)
     ours = C.from_pretrained(tmp_path)
-    assert ours.layers[0].window == 5 and ours.layers[1].window is None
+    assert ours.layers[0].window == 5 and ours.layers[1].window == (5 if family == "mistral" else None)
     ids = torch.randint(3, 101, (2, 23), generator=torch.Generator().manual_seed(2))   # 23 > window 5
     with torch.no_grad():
         diff = (ours(ids) - ref(input_ids=ids).logits).abs().max()
