@@ -22,7 +22,8 @@ from torch.func import functional_call
 import cli
 import data
 import scores
-from checkpoint import atomic_dir, check_output, resolve
+from checkpoint import resolve
+from outputs import atomic_dir, check_output
 from model import Taps
 from scores import aligned_mean_of_others, pearson, record
 

@@ -30,9 +30,9 @@ import cli
 import data
 import scores
 import train
-from checkpoint import (DEFAULT_NAME, UserError, atomic_dir, check_output, check_same_base, copy_side_files,
-                        from_pretrained, load_tokenizer, open_shard, read_json, resolve, safetensors_files,
-                        save_figure, work_dir, write_json)
+from checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_files, from_pretrained,
+                        load_tokenizer, open_shard, read_json, resolve, safetensors_files)
+from outputs import atomic_dir, check_output, save_figure, work_dir, write_json
 from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
 from stats import fig6_stats
 

@@ -7,7 +7,7 @@ import numpy as np
 
 import paper
 from claims import HOPS, ORDERS, assess, end_of_pretraining, final
-from checkpoint import write_atomic, write_json  # noqa: F401 (render.write_json)
+from outputs import write_atomic, write_json  # noqa: F401 (render.write_json)
 from stats import mean_se, present
 
 

@@ -34,8 +34,8 @@ import graft
 import preconditions
 import scores
 import train
-from checkpoint import DEFAULT_NAME, atomic_dir, check_output, from_pretrained, load_tokenizer, resolve, work_dir, \
-    write_json
+from checkpoint import DEFAULT_NAME, from_pretrained, load_tokenizer, resolve
+from outputs import atomic_dir, check_output, work_dir, write_json
 import claims                                                     # noqa: F401 (report.claims, for tests)
 from claims import HOPS, verdicts                                  # noqa: F401 (report.verdicts, re-exported)
 from collect import collect, read_json

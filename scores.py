@@ -35,8 +35,8 @@ from safetensors.torch import save_file
 
 import cli
 import data
-from checkpoint import UserError, atomic_dir, check_output, check_same_base, from_pretrained, load_tokenizer, \
-    read_json, resolve, save_figure
+from checkpoint import UserError, check_same_base, from_pretrained, load_tokenizer, read_json, resolve
+from outputs import atomic_dir, check_output, save_figure
 from kernels.grad_delta import grad_delta
 from model import Taps
 

@@ -22,8 +22,9 @@ import cli
 import data
 import speedups
 from optim import AdamInBackward
-from checkpoint import (DEFAULT_NAME, UserError, atomic_dir, check_output, from_pretrained, load_config,
-                        load_tokenizer, open_shard, resolve, safetensors_files, write_checkpoint, write_json)
+from checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer, open_shard,
+                        resolve, safetensors_files, write_checkpoint)
+from outputs import atomic_dir, check_output, write_json
 
 EARLY_FRACTION = 0.75      # Table 2: "early" = the first 75% of the layers, rounded half up (30 -> 23, 32 -> 24)
 

@@ -15,6 +15,7 @@ import torch
 
 import default_model
 import checkpoint as C
+import outputs as O
 import model as M
 from kernels.attention import attention_torch, attention_triton
 
@@ -89,7 +90,7 @@ def test_license_files_travel_with_checkpoints(tmp_path):
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
     for f in ("GEMMA_TERMS.html", "NOTICE"):
         (tmp_path / "base" / f).write_text(f"the {f}")
-    with C.atomic_dir(tmp_path / "trained", "checkpoint") as d:
+    with O.atomic_dir(tmp_path / "trained", "checkpoint") as d:
         C.write_checkpoint(C.from_pretrained(tmp_path / "base"), d)
     for f in ("GEMMA_TERMS.html", "NOTICE"):
         assert (tmp_path / "trained" / f).read_text() == f"the {f}"

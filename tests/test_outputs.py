@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint as C
+import outputs as O
 import data
 import graft
 import scores
@@ -68,7 +69,7 @@ def test_train_refuses_a_directory_and_a_file_that_are_not_ours(tiny_dir, small_
     assert f.read_text() == "keep me"
     # --overwrite replaces it, and a second run replaces our own checkpoint without asking
     train_main(tiny_dir, small_json, notes, "--overwrite")
-    assert not (notes / "todo.txt").exists() and C.is_ours(notes, "checkpoint")
+    assert not (notes / "todo.txt").exists() and O.is_ours(notes, "checkpoint")
     train_main(tiny_dir, small_json, notes)
 
 
@@ -88,8 +89,8 @@ def test_scores_default_output_is_beside_the_checkpoint_and_survives_retraining(
     monkeypatch.chdir(tmp_path)
     scores.main([str(tiny_dir), str(trained), "--device", "cpu"])
     sc = tmp_path / "runs" / f"{trained.name}.scores"
-    assert C.is_ours(sc, "scores") and sorted(p.name for p in sc.iterdir()) == sorted(
-        ["scores.safetensors", "scores.png", "summary.txt", "settings.json", C.MARKER])
+    assert O.is_ours(sc, "scores") and sorted(p.name for p in sc.iterdir()) == sorted(
+        ["scores.safetensors", "scores.png", "summary.txt", "settings.json", O.MARKER])
     before = snapshot(sc)
     train_main(tiny_dir, small_json, trained)                      # a re-run of training replaces its checkpoint ...
     assert snapshot(sc) == before                                  # ... and keeps the scores
@@ -146,19 +147,19 @@ def test_leftovers_of_a_killed_run_are_cleaned_or_put_back(tmp_path):
     live = tmp_path / f".out.tmp-{os.getpid()}-abcdef"             # a live process's temporary: left alone
     live.mkdir()
     notes = []
-    C.clean_leftovers(out, notes.append)
+    O.clean_leftovers(out, notes.append)
     assert not tmp.exists() and live.exists() and (out / "metrics.json").exists() and not old.exists()
     assert len(notes) == 2
     # a stale legacy ".out.old" does not block a new output either
     (tmp_path / ".out.old").mkdir()
-    with C.atomic_dir(out, "checkpoint", overwrite=True) as d:
+    with O.atomic_dir(out, "checkpoint", overwrite=True) as d:
         (d / "x").write_text("new")
     assert (out / "x").read_text() == "new"
 
 
 def test_strict_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
-        C.write_json(tmp_path / "m.json", {"loss": float("nan")})
+        O.write_json(tmp_path / "m.json", {"loss": float("nan")})
     assert not list(tmp_path.iterdir())
 
 
