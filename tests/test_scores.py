@@ -170,3 +170,21 @@ def test_errors(tmp_path):
         (tmp_path / d / "tokenizer.json").write_text(TOKENIZER_JSON)
     with pytest.raises(ValueError, match="different architectures"):
         C.check_same_base([tmp_path / "a", tmp_path / "c"])
+
+
+def test_sum_identity_and_the_exact_report(tmp_path):
+    """exact.sum_identity: eq. 4 summed over every component and position is the first-order change of R, so for a
+    small weight change it matches the actual R(W') - R(W) prompt by prompt; compare() correlates exact and
+    linearized tables, the authors' upstream variant against the same exact eq. 3."""
+    a, b = tiny_pair(tmp_path, "llama", eps=1e-3)
+    p, rows = prompts(), [0, 1, 2, 3]
+    lin = S.linearized(a, b, p)
+    ident = X.sum_identity(a, b, p, rows, lin)
+    actual, predicted = torch.tensor(ident["actual_dR"]), torch.tensor(ident["informative_sum"])
+    assert actual.abs().max() > 1e-6
+    assert (actual - predicted).abs().max() < 2e-2 * actual.abs().max(), (actual, predicted)
+    L, H = a.config.n_layers, a.config.n_heads
+    ex = X.exact(a, b, p, rows, log=lambda *_: None)
+    report, lines = X.compare(ex, {k: v[rows] for k, v in lin.items()}, L, H)
+    assert set(report) == {"informative", "downstream", "upstream", "upstream_authors"} and len(lines) == 4
+    assert report["informative"]["pearson_r"] > 0.99 and report["downstream"]["pearson_r"] > 0.99
