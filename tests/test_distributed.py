@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import checkpoint as C
 import data
+import scores
 import train
 
 transformers = pytest.importorskip("transformers")
@@ -38,7 +39,7 @@ def small_json(tmp_path_factory):
 
 
 @pytest.mark.distributed
-def test_two_processes_train_as_one(tmp_path, make_tiny, small_json):
+def test_two_processes_train_and_score_as_one(tmp_path, make_tiny, small_json):
     """torchrun --nproc_per_node 2 (gloo): the blocks sharded over two ranks, each training on the same batches.
     Losses within 1e-5 relative and the same ranks as one process (in fp32 the reduce-scatter averages two equal
     gradients, which is exact, so they are in fact equal here); the "post" freeze resets the early layers' shards;
@@ -74,6 +75,18 @@ def test_two_processes_train_as_one(tmp_path, make_tiny, small_json):
     real = mask.bool()
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref[real], ours[real], rtol=1e-4, atol=1e-4)
+    # scores.py under torchrun: each rank a share of the prompts, the same scores as one process
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        str(ROOT / "scores.py"), str(tiny), str(tmp_path / "two"), "--out", str(tmp_path / "s2"),
+                        "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    scores.run(tiny, tmp_path / "two", tmp_path / "s1", log=lambda *a: None)
+    s1, s2 = load_file(str(tmp_path / "s1" / "scores.safetensors")), load_file(str(tmp_path / "s2" / "scores.safetensors"))
+    assert s1.keys() == s2.keys() and len(s1) == 8
+    for k in s1:                                                  # sums over prompts in another order: 1e-6
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-6 * float(s1[k].abs().max()))
+    assert json.loads((tmp_path / "s2" / "settings.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.distributed
