@@ -105,17 +105,10 @@ def open_shard(f):
         raise UserError(f"cannot read {f}: {e} (truncated or corrupt file? re-download it)") from None
 
 
-def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=None) -> Transformer:
-    with embedded_hint(name_or_path):
-        return _from_pretrained(resolve(name_or_path, revision), dtype, device)
-
-
-def _from_pretrained(path, dtype, device) -> Transformer:
-    cfg = load_config(path)
-    with torch.device("meta"):                                    # build without allocating, then assign
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    state = {}
+def weights(path: Path, cfg: Config, expected):
+    """(name, tensor) for every weight of the checkpoint at `path`, each checked against `expected` (name ->
+    tensor of the right shape, e.g. a meta model's state_dict): the one reader of from_pretrained and of dist.py's
+    sharded loading."""
     for f in safetensors_files(path):
         try:
             with open_shard(f) as sf:
@@ -129,13 +122,26 @@ def _from_pretrained(path, dtype, device) -> Transformer:
                     if t.shape != expected[key].shape:
                         raise UserError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
                                         f"config.json implies {tuple(expected[key].shape)}")
-                    # copy=True: a tensor mapped from the file would be faulted in page by page, copy-on-write,
-                    # at the first optimizer step; an owned copy costs less, once
-                    state[key] = t.to(device=device, dtype=dtype, copy=True)
+                    yield key, t
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"cannot read {f}: {e} (truncated or corrupt file? re-download it)") from None
+
+
+def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=None) -> Transformer:
+    with embedded_hint(name_or_path):
+        return _from_pretrained(resolve(name_or_path, revision), dtype, device)
+
+
+def _from_pretrained(path, dtype, device) -> Transformer:
+    cfg = load_config(path)
+    with torch.device("meta"):                                    # build without allocating, then assign
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    # copy=True: a tensor mapped from the file would be faulted in page by page, copy-on-write, at the first
+    # optimizer step; an owned copy costs less, once
+    state = {key: t.to(device=device, dtype=dtype, copy=True) for key, t in weights(path, cfg, expected)}
     missing = sorted(set(expected) - set(state))
     if missing:
         raise UserError(f"{path}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
@@ -191,9 +197,29 @@ def copy_side_files(src, directory):
             shutil.copy(src / name, directory / name)
 
 
-def write_checkpoint(model: Transformer, directory):
-    """config.json and tokenizer files (copied from the model's source) and model.safetensors (in the model's
-    dtype) into an existing directory."""
+def write_checkpoint(model: Transformer, directory, state=None, shard_bytes=5 * 10**9):
+    """config.json and tokenizer files (copied from the model's source) and the weights (in the model's dtype) into
+    an existing directory: model.safetensors, or, above `shard_bytes`, model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json, as transformers writes them. `state`: the full state dict to write instead of
+    the model's own (dist.full_state_dict of a sharded model)."""
+    directory = Path(directory)
     copy_side_files(model.source, directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
+    size = lambda t: t.numel() * t.element_size()
+    shards, filled = [[]], 0                                      # names, in order, cut before shard_bytes
+    for k in state:
+        if shards[-1] and filled + size(state[k]) > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(k)
+        filled += size(state[k])
+    if len(shards) == 1:
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    n, weight_map = len(shards), {}
+    for i, names in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: state[k] for k in names}, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in names})
+    index = {"metadata": {"total_size": sum(size(t) for t in state.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")

@@ -60,6 +60,7 @@ def run(fn, *args):
     try:
         return fn(*args)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        # under torchrun every rank meets the same mistake: rank 0 says it, the others only stop
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     except KeyboardInterrupt:
         sys.exit("interrupted: earlier outputs are as they were")

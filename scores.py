@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 import cli
 import data
+import dist
 from checkpoint import UserError, check_same_base, from_pretrained, load_tokenizer, read_json, resolve
 from outputs import atomic_dir, check_output, save_figure
 from kernels.grad_delta import grad_delta
@@ -76,6 +77,7 @@ def aligned_mean_of_others(y, pos, Ta):
     flat = y.reshape(N * T, -1)
     total = torch.zeros(Ta + 1, flat.shape[-1], dtype=y.dtype, device=y.device).index_add_(0, idx, flat)
     count = torch.zeros(Ta + 1, dtype=y.dtype, device=y.device).index_add_(0, idx, torch.ones_like(flat[:, 0]))
+    dist.all_reduce_sum(total), dist.all_reduce_sum(count)        # torchrun: the other prompts of every rank
     others = (count[idx] - 1)[:, None]                             # (N*T, 1)
     ystar = torch.where(others > 0, (total[idx] - flat) / others.clamp(min=1), flat)
     return ystar.view_as(y)
@@ -302,13 +304,25 @@ def dataset_of(ckpt_b, dataset=None, seed=None):
 
 
 def score(model_a, model_b, tok, examples, log=print):
-    """Every linearized score, averaged over prompts on the anchor's positions: ({key: (Ta, L[, H])}, tokens)."""
+    """Every linearized score, averaged over prompts on the anchor's positions: ({key: (Ta, L[, H])}, tokens).
+    Under torchrun each rank runs the three batched passes on its share of the prompts (aligned on all of them;
+    y* of eq. 6 sums over every rank's prompts); the per-prompt sums are added over the ranks."""
     b = make_prompts(tok, examples, b_device(model_a))
     N, T = b.ids.shape
-    log(f"scoring {N} prompts ({T} positions): 3 batched passes and one partial pass per layer (eq. 6)")
-    lin = linearized(model_a, model_b, b)
+    n_ranks = dist.world_size()
+    if N < n_ranks:
+        raise UserError(f"{N} prompts for {n_ranks} processes: launch at most {N} (torchrun --nproc_per_node {N})")
+    mine = b.subset(torch.arange(N, device=b.ids.device).chunk(n_ranks)[dist.rank()]) if n_ranks > 1 else b
+    log(f"scoring {N} prompts ({T} positions): 3 batched passes and one partial pass per layer (eq. 6)"
+        + (f", {n_ranks} processes" if n_ranks > 1 else ""))
+    lin = linearized(model_a, model_b, mine)
     tokens = [tok.decode([i]) for i in b.ids[b.anchor, :b.Ta].tolist()]        # readable labels
-    return {k: to_anchor(v, b.pos, b.Ta).cpu() for k, v in lin.items()}, tokens, b
+    n_mine = mine.ids.shape[0]
+    if n_ranks == 1:
+        return {k: to_anchor(v, b.pos, b.Ta).cpu() for k, v in lin.items()}, tokens, b
+    # to_anchor's mean over this rank's prompts, back to a sum, added over the ranks, over all N prompts
+    return {k: (dist.all_reduce_sum(to_anchor(v, mine.pos, b.Ta) * n_mine) / N).cpu() for k, v in lin.items()}, \
+        tokens, b
 
 
 def b_device(model):
@@ -336,14 +350,20 @@ def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", devi
     if split not in splits:
         raise UserError(f"dataset {dataset!r} has no split {split!r} (it has {', '.join(splits)})")
     check_output(out, "scores", overwrite, inputs=[resolve(ckpt_a), resolve(ckpt_b)], log=log)  # before the passes
+    if dist.launched() > 1:                                       # torchrun: a share of the prompts per rank
+        device = dist.init(device)
+        log = log if dist.is_main() else (lambda *a, **k: None)
     model_a, model_b, tok = load_pair(ckpt_a, ckpt_b, device, log)
     sc, tokens, b = score(model_a, model_b, tok, splits[split], log)
+    if not dist.is_main():
+        return sc
     settings = {"ckpt_a": str(ckpt_a), "ckpt_b": str(ckpt_b), "ckpt_a_dir": str(resolve(ckpt_a)),
                 "dataset": str(dataset), "seed": seed, "split": split, "n_prompts": b.ids.shape[0],
                 "anchor_prompt": splits[split][b.anchor].prompt, "anchor_tokens": tokens,
                 "reward": "logit(answer first token) - mean over candidates' first tokens",
                 "upstream": "eq. 6 as defined (W_late <- W'_late); upstream_authors: g' from the full pass at W'",
-                "gqa": "k/v informative terms split equally among the query heads sharing the kv head"}
+                "gqa": "k/v informative terms split equally among the query heads sharing the kv head",
+                "world_size": dist.world_size()}
     lines = write(out, sc, tokens, settings, f"{Path(str(ckpt_b)).name}: {dataset} {split}", overwrite, log)
     log("\n".join(lines))
     log(f"wrote {out}: scores.safetensors, scores.png, summary.txt, settings.json in {time.time() - t0:.1f} s")
@@ -364,8 +384,11 @@ def main(argv=None):
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
     args = ap.parse_args(argv)
     out = Path(args.out or Path("runs") / f"{Path(str(args.ckpt_b)).name}.scores")
-    return cli.run(lambda: run(args.ckpt_a, args.ckpt_b, out, args.dataset, args.seed, args.split, args.device,
-                               args.overwrite))
+    try:
+        return cli.run(lambda: run(args.ckpt_a, args.ckpt_b, out, args.dataset, args.seed, args.split, args.device,
+                                   args.overwrite))
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

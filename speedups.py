@@ -34,8 +34,8 @@ def has_fused_adam(params):
     return all(p.device.type in ("cpu", "cuda") for p in params)
 
 
-def fused_adam(p, m, v, t, lr, betas, eps):
-    """One Adam step of parameter p (gradient p.grad, moments m and v, step count tensor t) in one kernel: the
-    kernel torch.optim.Adam(fused=True) calls, here without the optimizer's per-parameter bookkeeping."""
-    torch._fused_adam_([p], [p.grad], [m], [v], [], [t], lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=0.0,
+def fused_adam(p, g, m, v, t, lr, betas, eps):
+    """One Adam step of parameter p (gradient g, moments m and v, step count tensor t) in one kernel: the kernel
+    torch.optim.Adam(fused=True) calls, here without the optimizer's per-parameter bookkeeping."""
+    torch._fused_adam_([p], [g], [m], [v], [], [t], lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=0.0,
                        eps=eps, amsgrad=False, maximize=False)

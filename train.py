@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 import cli
 import data
+import dist
 import speedups
-from optim import AdamInBackward
+from optim import AdamInBackward, local as optim_local
 from checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer, open_shard,
                         resolve, safetensors_files, write_checkpoint)
 from outputs import atomic_dir, check_output, write_json
@@ -73,7 +74,7 @@ def reset_layers(model, layers):
             with open_shard(f) as sf:
                 for key in sf.keys():
                     if key.startswith(prefixes):
-                        params[key].copy_(sf.get_tensor(key))
+                        dist.assign(params[key], sf.get_tensor(key))   # into this rank's shard under FSDP2
                         done.add(key)
     missing = {n for n in params if n.startswith(prefixes)} - done
     if missing:
@@ -132,6 +133,8 @@ class Settings:
     order: str | None = None           # daxwug: facts_first / impl_first / joint (Fig. 4)
     train_all: bool = False
     dtype: str = "float32"
+    moments: str = "fp32"              # Adam's m and v: fp32, or bf16 beside the fp32 master weights (optim.py)
+    offload_optimizer: bool = False    # Adam's m and v in host memory, the step on the device (optim.py)
     device: str = "cpu"
     threads: int = 1
     out: str | None = None
@@ -197,7 +200,7 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
     # epoch 0: the loss of the untrained model on the whole training set
     records = [record(0, dataset_loss(model, [batch(torch.arange(i, min(i + B, N), device=device))
                                               for i in range(0, N, B)], s, head), t0)]
-    opt, step = AdamInBackward(params, s.lr), 0                   # a fresh Adam for every phase
+    opt, step = AdamInBackward(params, s.lr, s.moments, s.offload_optimizer), 0   # a fresh Adam every phase
     try:
         for epoch in range(1, s.epochs + 1):
             model.train()
@@ -265,7 +268,9 @@ def finetune(model, tok, phases, s: Settings, log=print):
             f"fact rank {ranks['facts']:5.2f}  impl rank {ranks['implications']:5.2f}")
     for p in params:
         p.requires_grad_(False)
-    return records, {"n_params": n_params, "n_trainable": sum(p.numel() for p in params), "frozen_layers": frozen}
+    local = sum(optim_local(p).numel() for p in params)           # under FSDP2: this rank's shards
+    return records, {"n_params": n_params, "n_trainable": sum(p.numel() for p in params),
+                     "n_trainable_this_rank": local, "frozen_layers": frozen}
 
 
 def check_context(tok, phases, max_positions):
@@ -281,20 +286,34 @@ def check_context(tok, phases, max_positions):
 
 
 def run(s: Settings, log=print, model=None):
-    """Load (unless `model` is given: a fresh model at the base weights), finetune, and return (model, metrics)."""
+    """Load (unless `model` is given: a fresh model at the base weights), finetune, and return (model, metrics).
+    Under torchrun with N > 1 processes (dist.py) the model is loaded sharded over them, each rank trains on the
+    same batches, and only rank 0 logs; `model` must then be None."""
     t_start = time.time()
     phases = make_phases(data.load_dataset(s.dataset, seed=s.seed), s)    # bad input fails here, early
     path = resolve(s.model)
     tok = load_tokenizer(path)
-    check_context(tok, phases, load_config(path).max_positions)         # before any weight is read
+    cfg = load_config(path)
+    check_context(tok, phases, cfg.max_positions)                       # before any weight is read
+    if dist.launched() > 1:
+        dist.check_layers(cfg.n_layers)
+        if s.train_all:
+            raise UserError("--train-all under torchrun: the embeddings and head are not sharded; train them in "
+                            "one process, or train the blocks only (the default)")
+        if model is not None:
+            raise UserError("train.run under torchrun loads the model itself (sharded): pass model=None")
+        s.device = dist.init(s.device)
+        log = log if dist.is_main() else (lambda *a, **k: None)
     torch.manual_seed(s.seed)
     if model is None:
-        model = from_pretrained(path, dtype=torch.float32, device=s.device)   # fp32 master weights
+        model = dist.load_sharded(path, s.device) if dist.world_size() > 1 else \
+            from_pretrained(path, dtype=torch.float32, device=s.device)   # fp32 master weights
     if s.lr is None:
         s.lr = default_lr(s.model, sum(p.numel() for p in model.parameters()))
     records, facts = finetune(model, tok, phases, s, log)
     metrics = {"args": asdict(s), "base_model": str(model.source), **facts,
-               "torch_threads": torch.get_num_threads(), "wall_time_s": time.time() - t_start, "records": records}
+               "torch_threads": torch.get_num_threads(), "world_size": dist.world_size(),
+               "wall_time_s": time.time() - t_start, "records": records}
     return model, metrics
 
 
@@ -320,10 +339,11 @@ def plot(records, path, title):
     plt.close(fig)
 
 
-def save(model, out, metrics, overwrite=False, inputs=(), log=print):
-    """Checkpoint + metrics.json (strict JSON) + ranks.png, as one directory that replaces `out` whole."""
+def save(model, out, metrics, overwrite=False, inputs=(), log=print, state=None):
+    """Checkpoint + metrics.json (strict JSON) + ranks.png, as one directory that replaces `out` whole.
+    `state`: the full state dict of a sharded model (dist.full_state_dict), written instead of model's."""
     with atomic_dir(out, "checkpoint", overwrite, inputs, log) as tmp:
-        write_checkpoint(model, tmp)
+        write_checkpoint(model, tmp, state)
         write_json(tmp / "metrics.json", metrics)
         plot(metrics["records"], tmp / "ranks.png", f"{metrics['args']['dataset']}  {metrics['base_model']}")
     return Path(out)
@@ -357,6 +377,12 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="matmul precision; weights, Adam state, logits, loss and ranks stay fp32 (bf16: the frozen "
                         "head's training matmul reads a bf16 copy)")
+    p.add_argument("--moments", choices=["fp32", "bf16"], default="fp32",
+                   help="Adam's moments: fp32, or bf16 beside fp32 master weights (4 bytes less a trained parameter; "
+                        "the update rounds m and v to bf16)")
+    p.add_argument("--offload-optimizer", action="store_true",
+                   help="keep Adam's moments in host memory and copy them to the device for each parameter's step "
+                        "(8 bytes less device memory a trained parameter; the fp32 update, bit for bit; slower)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
     p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(),
                    help="CPU threads for torch (default: every core this process may use; 1 on a busy machine)")
@@ -369,10 +395,20 @@ def main(argv=None):
         inputs = [x for x in (s.dataset, s.model) if Path(x).exists()]   # --out must not replace these
         check_output(s.out, "checkpoint", s.overwrite, inputs)    # before the model loads, not after training
         model, metrics = run(s)
-        save(model, s.out, metrics, s.overwrite, inputs)
-        print(f"wrote {s.out} ({metrics['wall_time_s']:.1f} s)")
+        if dist.world_size() == 1:
+            save(model, s.out, metrics, s.overwrite, inputs)
+        else:                                                     # torchrun: gathered by all, written by rank 0
+            state = dist.full_state_dict(model)
+            if dist.is_main():
+                save(model, s.out, metrics, s.overwrite, inputs, state=state)
+            dist.barrier()
+        if dist.is_main():
+            print(f"wrote {s.out} ({metrics['wall_time_s']:.1f} s)")
         return metrics
-    return cli.run(work)
+    try:
+        return cli.run(work)
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

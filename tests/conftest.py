@@ -15,6 +15,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: starts several processes with torchrun (gloo on CPU); in the "
+                                       "default run too, `-m distributed` runs them alone")
+
+
 @pytest.fixture(scope="session")
 def default_ckpt():
     """The default model's checkpoint directory (converted from the GGUF on first use, then cached)."""

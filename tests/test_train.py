@@ -226,3 +226,52 @@ def test_unknown_device_is_an_argument_error(capsys):
         train.main(["--device", "foo"])
     assert e.value.code == 2                                       # argparse's usage error, no traceback
     assert "argument --device: unknown device 'foo'" in capsys.readouterr().err
+
+
+def adam_runs(tiny_dir, steps=(1e-3, 3e-3, 2e-3), **options):
+    """Three steps of AdamInBackward(options) and of torch.optim.Adam (fp32) from the same weights: the two
+    models' (update, reference update) per trained parameter."""
+    tok = C.load_tokenizer(tiny_dir)
+    ids, mask, labels = data.encode_examples(tok, data.load_dataset("first_hop")["facts"][:6])
+    ours, ref, base = (C.from_pretrained(tiny_dir) for _ in range(3))
+    names = set(train.trainable_names(base))
+    params = {}
+    for m in (ours, ref):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n in names)
+        params[m] = [p for n, p in m.named_parameters() if n in names]
+    opt = train.AdamInBackward(params[ours], lr=1e-3, **options)
+    adam = torch.optim.Adam(params[ref], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    for step, lr in enumerate(steps):
+        rows = torch.tensor([step % 3, step % 3 + 3])
+        opt.start_step(lr)
+        train.answer_loss(ours, ids[rows], mask[rows], labels[rows]).backward()
+        adam.param_groups[0]["lr"] = lr
+        adam.zero_grad(set_to_none=True)
+        train.answer_loss(ref, ids[rows], mask[rows], labels[rows]).backward()
+        adam.step()
+    opt.remove()
+    start = base.state_dict()
+    return opt, {n: (a.detach() - start[n], b.detach() - start[n])
+                 for (n, a), b in zip(ours.named_parameters(), ref.parameters()) if n in names}
+
+
+def test_offloaded_moments_give_the_fp32_update_bit_for_bit(tiny_dir):
+    """--offload-optimizer: the moments live on the host and visit the device for each step (here the device is
+    the host, so this checks the bookkeeping; on CUDA the same code copies them): the same update, bit for bit."""
+    opt, upd = adam_runs(tiny_dir, offload=True)
+    assert all(m.device.type == "cpu" for m, _ in opt.state.values())
+    for n, (a, b) in upd.items():
+        assert torch.equal(a, b), n
+
+
+def test_bf16_moments_update_within_two_percent(tiny_dir):
+    """--moments bf16: m and v are stored rounded to bf16 (8 significant bits: up to 2^-9 = 0.2% off each), the
+    update computed in fp32 from them, on fp32 weights. Over 5 steps each parameter's total update stays within 2%
+    of plain fp32 Adam's in norm (measured: 0.10-0.15%), and every update is the fp32 master weight's: none lost."""
+    opt, upd = adam_runs(tiny_dir, steps=(1e-3, 3e-3, 2e-3, 2e-3, 1e-3), moments="bf16")
+    assert all(m.dtype == v.dtype == torch.bfloat16 for m, v in opt.state.values())
+    worst = max(float((a - b).norm() / b.norm()) for a, b in upd.values())
+    assert 0 < worst < 0.02, worst                                # not the fp32 update, but within 2%
+    for n, (a, b) in upd.items():
+        assert (a != 0).float().mean() > 0.99, n                  # the update reached (nearly) every weight
