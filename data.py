@@ -220,6 +220,15 @@ def encode_examples(tokenizer, examples):
     return _pad(fulls, 0), _pad([[1] * len(f) for f in fulls], 0), _pad(labels, -100)
 
 
+def check_context(tokenizer, examples, max_positions):
+    """Every text `prompt + " " + answer` fits the model's context: a one-line error naming the first that does not."""
+    for e in examples if max_positions is not None else ():
+        n = len(tokenizer.encode(f"{e.prompt} {e.answer}").ids)
+        if n > max_positions:
+            raise ValueError(f"the text {e.prompt[:60]!r}... is {n} tokens long, more than the model's context of "
+                             f"{max_positions} (max_position_embeddings): shorten it")
+
+
 # --- the metric -------------------------------------------------------------------------------------------
 
 def candidates(tokenizer, examples):

@@ -69,6 +69,19 @@ def check_layers(n_layers, what="train.py"):
                         f"(torchrun --nproc_per_node {n_layers})")
 
 
+def setup_training(cfg, device, train_all, model, log):
+    """train.run under torchrun: refuse what FSDP2 sharding cannot do, join the process group, and log on rank 0
+    only. Returns (this rank's device, log)."""
+    check_layers(cfg.n_layers)
+    if train_all:
+        raise UserError("--train-all under torchrun: the embeddings and head are not sharded; train them in one "
+                        "process, or train the blocks only (the default)")
+    if model is not None:
+        raise UserError("train.run under torchrun loads the model itself (sharded): pass model=None")
+    device = init(device)
+    return device, log if is_main() else (lambda *a, **k: None)
+
+
 def shard(model):
     """fully_shard on every block, then on the root with the non-block weights left whole (ignored_params).
     `hidden` is registered as a forward method so that FSDP2's root hooks run for train.py's and data.py's

@@ -273,18 +273,6 @@ def finetune(model, tok, phases, s: Settings, log=print):
                      "n_trainable_this_rank": local, "frozen_layers": frozen}
 
 
-def check_context(tok, phases, max_positions):
-    """Every training text fits the model's context: a one-line error naming the first that does not."""
-    if max_positions is None:
-        return
-    for _, examples, evals in phases:
-        for e in list(examples) + [x for ex in evals.values() for x in ex]:
-            n = len(tok.encode(f"{e.prompt} {e.answer}").ids)
-            if n > max_positions:
-                raise UserError(f"the text {e.prompt[:60]!r}... is {n} tokens long, more than the model's context "
-                                f"of {max_positions} (max_position_embeddings): shorten it")
-
-
 def run(s: Settings, log=print, model=None):
     """Load (unless `model` is given: a fresh model at the base weights), finetune, and return (model, metrics).
     Under torchrun with N > 1 processes (dist.py) the model is loaded sharded over them, each rank trains on the
@@ -294,16 +282,9 @@ def run(s: Settings, log=print, model=None):
     path = resolve(s.model)
     tok = load_tokenizer(path)
     cfg = load_config(path)
-    check_context(tok, phases, cfg.max_positions)                       # before any weight is read
-    if dist.launched() > 1:
-        dist.check_layers(cfg.n_layers)
-        if s.train_all:
-            raise UserError("--train-all under torchrun: the embeddings and head are not sharded; train them in "
-                            "one process, or train the blocks only (the default)")
-        if model is not None:
-            raise UserError("train.run under torchrun loads the model itself (sharded): pass model=None")
-        s.device = dist.init(s.device)
-        log = log if dist.is_main() else (lambda *a, **k: None)
+    data.check_context(tok, [e for _, ex, ev in phases for e in ex + sum(ev.values(), [])], cfg.max_positions)
+    if dist.launched() > 1:                                             # torchrun: checks, then the process group
+        s.device, log = dist.setup_training(cfg, s.device, s.train_all, model, log)
     torch.manual_seed(s.seed)
     if model is None:
         model = dist.load_sharded(path, s.device) if dist.world_size() > 1 else \
