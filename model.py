@@ -223,7 +223,7 @@ class Attention(nn.Module):
             self.q_norm = Norm(H * E, "rms", cfg.norm_eps)
             self.k_norm = Norm(K * E, "rms", cfg.norm_eps)
 
-    def forward(self, x, rope, mask, window, taps, pre, impl):
+    def forward(self, x, rope, mask, window, taps, pre):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -239,7 +239,7 @@ class Attention(nn.Module):
         v = v.view(B, T, K, E)
         z = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, H, T, E)
                       scale=cfg.attn_scale, softcap=cfg.attn_softcap, window=window,
-                      attention_mask=mask, impl=impl)
+                      attention_mask=mask)
         z = _tap(taps, pre + "z", z.transpose(1, 2).reshape(B, T, H * E))         # (B, T, H*E)
         return self.o_proj(z)                                     # (B, T, D)
 
@@ -275,12 +275,12 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = n()
         self.window = cfg.sliding_window if i in cfg.sliding_layers else None
 
-    def attn_sublayer(self, resid, rope, mask, taps=None, impl="auto"):
+    def attn_sublayer(self, resid, rope, mask, taps=None):
         """The attention's write into the residual stream, from the residual stream `resid`."""
         pre, cfg = f"layers.{self.i}.", self.cfg
         x = resid if cfg.post_norms else self.input_layernorm(resid)
         x = _tap(taps, pre + "attn_in", matmul_dtype(x))
-        out = _tap(taps, pre + "attn_out", self.self_attn(x, rope, mask, self.window, taps, pre, impl))
+        out = _tap(taps, pre + "attn_out", self.self_attn(x, rope, mask, self.window, taps, pre))
         if cfg.post_norms or cfg.sandwich_norms:
             out = self.post_attention_layernorm(out)
         return out
@@ -300,10 +300,10 @@ class Block(nn.Module):
             out = self.post_feedforward_layernorm(out)
         return out
 
-    def forward(self, h, rope, mask, taps=None, impl="auto"):
+    def forward(self, h, rope, mask, taps=None):
         pre = f"layers.{self.i}."
         h = _tap(taps, pre + "resid_pre", h)
-        h = _tap(taps, pre + "resid_mid", h + self.attn_sublayer(h, rope, mask, taps, impl))
+        h = _tap(taps, pre + "resid_mid", h + self.attn_sublayer(h, rope, mask, taps))
         return h + self.mlp_sublayer(h, taps)
 
 
@@ -324,7 +324,6 @@ class Transformer(nn.Module):
         self.model = Body(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.attn_impl = "auto"        # "auto": Triton kernel on CUDA, torch twin on CPU (kernels/attention.py)
         self.source = None             # the checkpoint directory, set by from_pretrained
 
     @property
@@ -343,7 +342,7 @@ class Transformer(nn.Module):
         if self.config.embed_scale:                               # Gemma 2: sqrt(D), rounded to the dtype
             h = h * torch.tensor(self.config.dim ** 0.5, dtype=h.dtype)
         for block in self.model.layers:
-            h = block(h, rope, mask, taps, self.attn_impl)
+            h = block(h, rope, mask, taps)
         return self.model.norm(h)
 
     def head_weight(self):

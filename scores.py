@@ -134,7 +134,7 @@ def weight_delta(model_a, model_b, layer, name):
     return pb[name] - pa[name] if name in pa else None
 
 
-def linearized(model_a, model_b, b, impl="auto"):
+def linearized(model_a, model_b, b):
     """Per-prompt, per-position scores: dict of (N, T, L) for MLPs and (N, T, L, H) for heads."""
     cfg = model_a.config
     H, K, E, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
@@ -153,7 +153,7 @@ def linearized(model_a, model_b, b, impl="auto"):
             delta = lambda name: weight_delta(model_a, model_b, l, name)
 
             def informative_map(g, x, proj, groups, split):        # eq. 4/7 for one linear map
-                s = grad_delta(flat(g), flat(x), delta(proj + ".weight"), groups, split, impl=impl)
+                s = grad_delta(flat(g), flat(x), delta(proj + ".weight"), groups, split)
                 db = delta(proj + ".bias")
                 if db is not None:                                 # a bias is a weight whose input is 1
                     gb = flat(g).float() * db.float()              # (N*T, O)
@@ -176,7 +176,7 @@ def linearized(model_a, model_b, b, impl="auto"):
             # pass 3: the components at W on their W' inputs (residual stream from the W' run)
             tc = Taps()
             block = model_a.layers[l]
-            block.attn_sublayer(tb[p + "resid_pre"].detach(), rope, mask, tc, model_a.attn_impl)
+            block.attn_sublayer(tb[p + "resid_pre"].detach(), rope, mask, tc)
             block.mlp_sublayer(tb[p + "resid_mid"].detach(), tc)
             # a head's write is W_o[:, h] z_h, so g . W_o[:, h] dz_h = (dR/dz)_h . dz_h: the gradient at z
             per_head = lambda u, v: (u * v).view(N, T, H, E).sum(-1)
@@ -219,7 +219,7 @@ def head_params(block_a, block_b, h, cfg):
     return new
 
 
-def exact(model_a, model_b, b, rows, impl="auto"):
+def exact(model_a, model_b, b, rows):
     """Causal scores (eqs. 1-3) of every component, summed over positions, averaged over prompts `rows`.
     Each intervention starts from the cached residual stream at its layer, so it only reruns later layers;
     the H head patches of one layer run together, as H copies of the prompts in one batch."""
@@ -238,7 +238,7 @@ def exact(model_a, model_b, b, rows, impl="auto"):
         layer `start` to the stream after it; later layers and the final norm come from `late` (W or W')."""
         h = first(get(ta, f"layers.{start}.resid_pre").repeat(reps, 1, 1))       # (reps * n, T, D)
         for blk in late.layers[start + 1:]:
-            h = blk(h, rope, mask.repeat(reps, 1), None, impl)
+            h = blk(h, rope, mask.repeat(reps, 1), None)
         last = (s.mask.sum(1) - 1).repeat(reps)                               # (reps * n,)
         logits = late.logits(late.model.norm(h)[torch.arange(reps * n), last])
         return data.reward(logits, s.correct.repeat(reps), s.cands).view(reps, n).mean(1)
@@ -250,8 +250,8 @@ def exact(model_a, model_b, b, rows, impl="auto"):
             taps = Taps(patch=patch) if patch else None
             m = mask.repeat(h.shape[0] // n, 1)
             if params is not None:
-                return functional_call(blk, params, (h, rope, m, taps, impl))
-            h = h + blk.attn_sublayer(h, rope, m, taps, impl)
+                return functional_call(blk, params, (h, rope, m, taps))
+            h = h + blk.attn_sublayer(h, rope, m, taps)
             return h + (mlp_blk or blk).mlp_sublayer(h, taps)
         return run
 
@@ -264,7 +264,7 @@ def exact(model_a, model_b, b, rows, impl="auto"):
             zstar = aligned_mean_of_others(ta[p + "z"].detach(), b.pos, b.Ta)[rows]
             ystar = aligned_mean_of_others(ta[p + "mlp_out"].detach(), b.pos, b.Ta)[rows]
             tc = Taps()                                            # pass 3: f_c(z'_c, W_c)
-            A[l].attn_sublayer(tb[p + "resid_pre"].detach()[rows], rope, mask, tc, impl)
+            A[l].attn_sublayer(tb[p + "resid_pre"].detach()[rows], rope, mask, tc)
             A[l].mlp_sublayer(tb[p + "resid_mid"].detach()[rows], tc)
 
             def each_head(zsrc):                                   # copy h of z has head h's slice from zsrc
