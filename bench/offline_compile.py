@@ -209,6 +209,7 @@ def main():
     p.add_argument("--all", action="store_true", help="the full variant grid, not only the families' own")
     p.add_argument("--targets", type=int, nargs="+", default=sorted(TARGETS), choices=sorted(TARGETS),
                    help="compute capabilities to compile for")
+    p.add_argument("--kind", choices=["attention", "grad_delta"], help="only this kernel file's kernels")
     p.add_argument("--jobs", type=int, default=2, help="processes compiling in parallel (one target each)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
@@ -220,7 +221,8 @@ def main():
     if missing:
         sys.exit(f"bench/offline_compile.py: Triton's NVIDIA tools {missing} are missing (set TRITON_PTXAS_PATH "
                  "and TRITON_CUOBJDUMP_PATH, or install a Triton wheel that bundles them)")
-    variants = list(attention_variants(args.all)) + list(grad_delta_variants(args.all))
+    variants = [v for v in list(attention_variants(args.all)) + list(grad_delta_variants(args.all))
+                if args.kind in (None, v["kind"])]
     # spawn, not fork: each worker imports Triton afresh and holds one target
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = [r for part in pool.map(compile_target, args.targets, [variants] * len(args.targets)) for r in part]

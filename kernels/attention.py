@@ -76,7 +76,7 @@ def attention_triton(q, k, v, *, scale, softcap=None, window=None, attention_mas
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (T, E) or H % k.shape[1]:
         raise ValueError(f"expected q (B, H, T, E) and k, v (B, K, T, E) with K dividing H; got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    backend.check_dtypes("attention", KERNEL_DTYPES, q, k, v)
+    backend.check_kernel_inputs("attention", KERNEL_DTYPES, q, k, v)
     from kernels.triton_attention import TritonAttention     # imports Triton: only when a kernel launches
     return TritonAttention.apply(q, k, v, scale, softcap, window, attention_mask)
 

@@ -54,8 +54,11 @@ def forced(impl):
         _forced = before
 
 
-def check_dtypes(name, dtypes, *tensors):
-    """A clear error instead of a compile failure deep inside Triton (fp64 has no kernel)."""
+def check_kernel_inputs(name, dtypes, *tensors):
+    """Clear errors before a kernel launch, instead of an ImportError or a compile failure deep inside Triton."""
+    if not triton_available():
+        raise RuntimeError(f"the Triton {name} kernel needs Triton, which is not installed (it has wheels for "
+                           f"Linux x86-64 only): call {name}() instead, which runs the torch twin")
     for t in tensors:
         if t.dtype not in dtypes:
             raise TypeError(f"the Triton {name} kernel takes {', '.join(str(d) for d in dtypes)}, got {t.dtype}: "

@@ -51,7 +51,7 @@ def grad_delta_torch(g, x, dW, n_groups, split):
 
 def grad_delta_triton(g, x, dW, n_groups, split):
     check_arguments(g, x, dW, n_groups, split)
-    backend.check_dtypes("grad_delta", KERNEL_DTYPES, g, x, dW)
+    backend.check_kernel_inputs("grad_delta", KERNEL_DTYPES, g, x, dW)
     from kernels.triton_grad_delta import launch                 # imports Triton: only when a kernel launches
     return launch(g, x, dW, n_groups, split)
 

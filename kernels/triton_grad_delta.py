@@ -70,8 +70,9 @@ def launch(g, x, dW, n_groups, split):
     fp32_inputs = not (x.dtype == dW.dtype and x.dtype in (torch.bfloat16, torch.float16))
     fp32_dot = backend.INTERPRET or fp32_inputs
     # True fp32 products run on the CUDA cores, each thread holding its rows of x and columns of dW^T over a
-    # whole BLOCK_I: at 64 they spill 0.5 KB a thread on an A100 (bench/offline_compile.py), at 32 none.
-    BLOCK_N, BLOCK_O, BLOCK_I = _block(N, 64), _block(group, 64), _block(I, 32 if fp32_inputs else 64)
+    # whole BLOCK_I: at 64 they spill 0.5 KB a thread on an A100, at 32 8 B on an H100 with Triton 3.7.1,
+    # at 16 none (bench/offline_compile.py, Triton 3.7.1 and 3.9).
+    BLOCK_N, BLOCK_O, BLOCK_I = _block(N, 64), _block(group, 64), _block(I, 16 if fp32_inputs else 64)
     n_blocks = triton.cdiv(group, BLOCK_O)                       # blocks of BLOCK_O rows per group
     part = torch.empty(N, n_groups, n_blocks, device=g.device, dtype=torch.float32)  # (N, n_groups, blocks)
     grid = (triton.cdiv(N, BLOCK_N), n_groups, n_blocks)
