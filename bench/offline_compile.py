@@ -57,6 +57,7 @@ def attention_variants(full):
         yield dict(kind="attention", dtype=dtype, E=64, softcap=None, window=None, G=3)     # SmolLM2-135M (default)
         yield dict(kind="attention", dtype=dtype, E=128, softcap=None, window=None, G=4)    # Llama 3 8B, Mistral 7B
     yield dict(kind="attention", dtype="bfloat16", E=256, softcap=50.0, window=64, G=2)     # Gemma 2
+    yield dict(kind="attention", dtype="float16", E=128, softcap=None, window=None, G=4)    # direct calls (bench)
 
 
 def grad_delta_variants(full):

@@ -29,8 +29,8 @@ import torch
 
 from kernels import backend
 
-# What the kernel takes (kernels/triton_attention.py; compiled for these in tests/test_gpu_compile.py); fp64
-# and the rest go to the twin.
+# What the kernel takes (kernels/triton_attention.py; compiled for each in tests/test_gpu_compile.py); fp64
+# and the rest go to the twin. The model sends fp32 and bf16; fp16 shares bf16's tiles.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -20,7 +20,8 @@ _INTERPRETED = tl.constexpr(backend.INTERPRET)
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
-    """a @ b accumulated in fp32. PRECISION "ieee" for fp32 inputs (no TF32: the twin uses none)."""
+    """a @ b accumulated in fp32. PRECISION "tf32x3" for fp32 inputs: three TF32 tensor-core products, about
+    fp32's accuracy (the twin uses no TF32); ignored for 16-bit inputs."""
     if _INTERPRETED:   # the interpreter (Triton 3.9) multiplies bf16 tiles as raw uint16 bits; fp32 is exact
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -225,7 +226,7 @@ def tiles(E, dtype, capability):
     BLOCK_E = max(16, triton.next_power_of_2(E))                 # tl.arange and tl.dot need powers of 2, >= 16
     width = "fp32" if dtype == torch.float32 else "16-bit"
     # sm_90 and later: the H100's tiles; everything else the A100's (sm_86/89 allow 99 KB a block, which all
-    # but the 16-bit E = 128 forward tiles fit: not compiled for here).
+    # of them fit but the 16-bit E = 256 dK/dV tiles, 100 KB: not compiled for here).
     arch = 90 if capability is not None and capability[0] >= 9 else 80
     configs = TILES[width, max(64, BLOCK_E), arch]
     return {kernel: (BM, BN, BLOCK_E, dict(num_warps=warps, num_stages=stages))

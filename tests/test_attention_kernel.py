@@ -20,7 +20,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and not backend.INTERPRET else "cpu
 
 # Tolerances, |triton - reference| <= atol + rtol * |reference|, elementwise.
 # fp32: the kernel and the twin compute the same sums in another order (key tiles, online rescaling of the
-#   softmax); we see errors of ~3e-6 on values of size ~1-10. A 1% error in the scale gives ~1e-2.
+#   softmax); we see errors of ~3e-6 on values of size ~1-10 (interpreted). Compiled, the dots are three TF32
+#   products (tf32x3), off by ~2^-21 relative each. A 1% error in the scale gives ~1e-2.
 # bf16: the reference is the twin in fp32 on the same bf16 inputs. bf16 keeps 8 significant bits: rounding
 #   the output alone costs up to 2^-9 relative (8e-3 at 4), and p and dS are rounded to bf16 before their
 #   products, as in the twin and FlashAttention-2. The twin run in bf16 is itself off by up to ~1.5e-2, and
