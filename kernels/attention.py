@@ -35,9 +35,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_takes(q):
-    """Inputs that attention() sends to the kernel on CUDA: its dtypes, except fp32 with E > 128 (Gemma 2),
-    whose tiles spill registers however small (kernels/triton_attention.py, TILES)."""
-    return q.dtype in KERNEL_DTYPES and not (q.dtype == torch.float32 and q.shape[-1] > 128)
+    """Inputs that attention() sends to the kernel on CUDA: its dtypes and head dims up to 256, except fp32 with
+    E > 128 (Gemma 2), whose tiles spill registers however small (kernels/triton_attention.py, TILES)."""
+    E = q.shape[-1]
+    return q.dtype in KERNEL_DTYPES and E <= (128 if q.dtype == torch.float32 else 256)
 
 
 # --- torch twin: the reference definition ---------------------------------------------------------

@@ -224,6 +224,9 @@ def tiles(E, dtype, capability):
     (the delta kernel shares dq's BLOCK_M), for head dim E, input dtype and GPU generation (capability None: the
     interpreter, where only correctness matters). Chosen in TILES."""
     BLOCK_E = max(16, triton.next_power_of_2(E))                 # tl.arange and tl.dot need powers of 2, >= 16
+    if BLOCK_E > 256:
+        raise ValueError(f"head dim {E} > 256 has no tile configuration: call attention(), which sends it to "
+                         "the torch twin")
     width = "fp32" if dtype == torch.float32 else "16-bit"
     # sm_90 and later: the H100's tiles; everything else the A100's (sm_86/89 allow 99 KB a block, which all
     # of them fit but the 16-bit E = 256 dK/dV tiles, 100 KB: not compiled for here).
@@ -242,7 +245,8 @@ def tiles(E, dtype, capability):
 # - dK/dV keeps the most per program (k, v and their fp32 gradients for BLOCK_N keys): its tiles are smallest.
 # - On sm_90 a dot becomes wgmma only if its M (BLOCK_M; dK/dV: BLOCK_N) is at least 64, hence the 16-bit
 #   tiles' 64s. fp32 tiles of 16 run mma there.
-# - fp32 E = 256 spilled in every configuration tried (0.1-10 KB a thread): attention() sends it to the twin;
+# - fp32 E = 256 spilled in every configuration tried (8 B to 9.8 KB a thread in at least one of the three
+#   kernels): attention() sends it to the twin;
 #   the entry below serves direct calls of attention_triton only.
 TILES = {
     ("fp32", 64, 80): ((32, 64, 8, 2), (16, 32, 4, 2), (16, 32, 4, 2)),

@@ -72,6 +72,7 @@ def test_attention_sends_the_kernel_only_what_it_takes():
     assert A.kernel_takes(meta(torch.bfloat16, 256)) and A.kernel_takes(meta(torch.float32, 128))
     assert not A.kernel_takes(meta(torch.float64, 64))            # fp64 does not compile
     assert not A.kernel_takes(meta(torch.float32, 256))           # spills: bench/README.md
+    assert not A.kernel_takes(meta(torch.bfloat16, 512))          # no tiles for it
 
 
 def test_the_rule_cuda_tensors_the_kernel_takes():
