@@ -165,7 +165,9 @@ def compile_target(cc, variants):
             rows.append(dict(kernel=v["kind"], variant=name(v), sm=cc, error=f"{type(e).__name__}: {e}"[:300]))
             continue
         for kname, compiled in launched:
-            rows.append(dict(kernel=kname, variant=name(v), sm=cc, dtype=v["dtype"], triton=triton.__version__,
+            # the dtype its dots multiply in: grad_delta's are fp32 unless g, x and dW share a 16-bit dtype
+            dot_dtype = v["dtype"] if v.get("dW_dtype", v["dtype"]) == v["dtype"] else "float32"
+            rows.append(dict(kernel=kname, variant=name(v), sm=cc, dtype=dot_dtype, triton=triton.__version__,
                              shared_limit=TARGETS[cc][1], tensor_core_op=TENSOR_CORE_OP[cc], **resources(compiled)))
     return rows
 

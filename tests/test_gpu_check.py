@@ -41,7 +41,8 @@ def fake_logs(d, broken=True):
         if measured is not None:
             (d / f"{name}.json").write_text(json.dumps(measured))
     put("install", 0, 95, 120, "")
-    put("driver", 0, 1, 15, "driver supports CUDA 12.8; torch wheel built for CUDA 12.8\ngpu NVIDIA H100, capability (9, 0)\n")
+    put("driver", 0, 1, 15, "driver supports CUDA 12.8; torch wheel built for CUDA 12.8\n"
+        "gpu NVIDIA H100, capability (9, 0)\n")
     put("kernel_tests", 0, 80, 150, "......\n46 passed in 79.1s\n")
     put("bench_attention", 0, 30, 45, "NVIDIA H100\n         T  max|diff|   fwd ours\n      1024      0.002      0.1\n")
     put("bench_grad_delta", 124 if broken else 0, 25, 25, "q_proj   32 heads  0.5 0.2 2.5\n")
