@@ -268,7 +268,7 @@ class Attention(nn.Module):
             self.q_norm = Norm(E, cfg.norm, cfg.norm_eps)
             self.k_norm = Norm(E, cfg.norm, cfg.norm_eps)
 
-    def forward(self, x, rope, mask, window, taps, pre, impl):
+    def forward(self, x, rope, mask, window, taps, pre):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -287,7 +287,7 @@ class Attention(nn.Module):
         v = v.view(B, T, K, E)
         z = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # (B, H, T, E)
                       scale=cfg.attn_scale, softcap=cfg.attn_softcap, window=window,
-                      attention_mask=mask, impl=impl)
+                      attention_mask=mask)
         z = _tap(taps, pre + "z", z.transpose(1, 2).reshape(B, T, H * E))         # (B, T, H*E)
         return self.o_proj(z)                                     # (B, T, D)
 
@@ -325,13 +325,13 @@ class Block(nn.Module):
         # the key of this layer's RoPE table in what Transformer.prepare returns (Gemma 3: local or global)
         self.rope_key = "sliding_attention" if i in cfg.sliding_layers else "full_attention"
 
-    def attn_sublayer(self, resid, rope, mask, taps=None, impl="auto"):
+    def attn_sublayer(self, resid, rope, mask, taps=None):
         """The attention's write into the residual stream, from the residual stream `resid`; `rope` as
         Transformer.prepare returns it (this layer picks its own table)."""
         pre, cfg = f"layers.{self.i}.", self.cfg
         x = resid if cfg.post_norms else self.input_layernorm(resid)
         x = _tap(taps, pre + "attn_in", matmul_dtype(x))
-        out = self.self_attn(x, rope[self.rope_key], mask, self.window, taps, pre, impl)
+        out = self.self_attn(x, rope[self.rope_key], mask, self.window, taps, pre)
         out = _tap(taps, pre + "attn_out", out)
         if cfg.post_norms or cfg.sandwich_norms:
             out = self.post_attention_layernorm(out)
@@ -352,10 +352,10 @@ class Block(nn.Module):
             out = self.post_feedforward_layernorm(out)
         return out
 
-    def forward(self, h, rope, mask, taps=None, impl="auto"):
+    def forward(self, h, rope, mask, taps=None):
         pre = f"layers.{self.i}."
         h = _tap(taps, pre + "resid_pre", h)
-        h = _tap(taps, pre + "resid_mid", h + self.attn_sublayer(h, rope, mask, taps, impl))
+        h = _tap(taps, pre + "resid_mid", h + self.attn_sublayer(h, rope, mask, taps))
         return h + self.mlp_sublayer(h, taps)
 
 
@@ -376,7 +376,6 @@ class Transformer(nn.Module):
         self.model = Body(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.attn_impl = "auto"        # "auto": Triton kernel on CUDA, torch twin on CPU (kernels/attention.py)
         self.source = None             # the checkpoint directory, set by checkpoint.from_pretrained
 
     @property
@@ -399,7 +398,7 @@ class Transformer(nn.Module):
         if self.config.embed_scale:                               # Gemma 2, 3: sqrt(D), rounded to the dtype
             h = h * torch.tensor(self.config.dim ** 0.5, dtype=h.dtype)
         for block in self.model.layers:
-            h = block(h, rope, mask, taps, self.attn_impl)
+            h = block(h, rope, mask, taps)
         return self.model.norm(h)
 
     def head_weight(self):

@@ -13,7 +13,7 @@ import torch
 
 if __package__ in (None, ""):                                     # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels.grad_delta import grad_delta                         # noqa: E402
+from kernels.grad_delta import grad_delta_torch, grad_delta_triton   # noqa: E402
 
 # (name, O, I, n_groups, split)
 SHAPES = [
@@ -52,8 +52,8 @@ def main():
         g = torch.randn(args.n, O, device="cuda", dtype=dtype)                 # (N, O)
         x = torch.randn(args.n, I, device="cuda", dtype=dtype)                 # (N, I)
         dW = (0.01 * torch.randn(O, I, device="cuda")).to(dtype)               # (O, I)
-        runs = {impl: (lambda impl=impl, g=g, x=x, dW=dW: grad_delta(g, x, dW, n_groups, split, impl=impl))
-                for impl in ("torch", "triton")}
+        runs = {impl: (lambda fn=fn, g=g, x=x, dW=dW: fn(g, x, dW, n_groups, split))
+                for impl, fn in (("torch", grad_delta_torch), ("triton", grad_delta_triton))}
         want, got = runs["torch"](), runs["triton"]()                         # also compiles the kernel
         err = ((got - want).abs().max() / want.abs().max()).item()
         ms = {k: triton.testing.do_bench(fn, return_mode="median") for k, fn in runs.items()}

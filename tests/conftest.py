@@ -4,9 +4,10 @@ import os
 import sys
 from pathlib import Path
 
-# Triton reads TRITON_INTERPRET when it is first imported, by whichever test module comes first: without a GPU
-# the kernel tests run in its CPU interpreter (set TRITON_INTERPRET=0 on a CUDA machine to test the compiled
-# kernels). Tests never reach the Hugging Face hub.
+# The one place the tests set TRITON_INTERPRET, before any test module imports kernels/ (kernels/backend.py reads
+# it once) or Triton (which reads it when first imported): without a GPU the kernel tests run in Triton's CPU
+# interpreter (set TRITON_INTERPRET=0 on a CUDA machine to test the compiled kernels). Tests never reach the
+# Hugging Face hub.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

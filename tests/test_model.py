@@ -117,7 +117,7 @@ def test_taps_record_and_patch(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+    with pytest.raises(ValueError, match="no checkpoint directory"):               # checkpoint.UserError
         C.from_pretrained(tmp_path / "missing")
     save_tiny("llama", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
