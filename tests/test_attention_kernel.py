@@ -117,7 +117,7 @@ def test_default_model_kernel_matches_twin():
     shapes, so on a CPU only the first 8 of the 30 layers run (the final norm and head then read the residual
     stream after layer 8; all 30 pass too, in ~30 s); on a GPU all 30.
     """
-    M = pytest.importorskip("model")
+    C = pytest.importorskip("checkpoint")
     try:
         model = C.from_pretrained(C.DEFAULT_NAME, device=DEVICE)
     except FileNotFoundError as e:               # the default model's package is not installed
