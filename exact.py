@@ -202,7 +202,9 @@ def main(argv=None):
     ap.add_argument("--out", help="output directory (default runs/<ckpt_b name>.exact)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out even if it is not ours")
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
+    ap.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     out = Path(a.out or Path("runs") / f"{Path(str(a.ckpt_b)).name}.exact")
     return cli.run(lambda: run(a.ckpt_a, a.ckpt_b, out, a.prompts, a.ablation, a.dataset, a.seed, a.device,
                                a.overwrite))

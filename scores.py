@@ -382,7 +382,9 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true",
                     help="replace --out even if it is not a scores directory of ours (by default an error)")
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
+    ap.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.out or Path("runs") / f"{Path(str(args.ckpt_b)).name}.scores")
     try:
         return cli.run(lambda: run(args.ckpt_a, args.ckpt_b, out, args.dataset, args.seed, args.split, args.device,
