@@ -57,3 +57,16 @@ def make_tiny():
     """make_tiny(path, n_layers=4) writes a tiny random Llama checkpoint with its own BPE tokenizer."""
     pytest.importorskip("transformers")
     return _make_tiny
+
+
+@pytest.fixture(scope="session")
+def small_json(tmp_path_factory):
+    """10 first-hop facts and implications as a user dataset file: 2 steps per epoch at batch 8."""
+    import json
+
+    import data
+    d = data.load_dataset("first_hop")
+    f = tmp_path_factory.mktemp("ds") / "small.json"
+    f.write_text(json.dumps({k: [{"prompt": e.prompt, "answer": e.answer} for e in d[k][:10]]
+                             for k in ("facts", "implications")}))
+    return str(f)

@@ -29,16 +29,6 @@ def torchrun(n, *argv, cwd):
                           timeout=300)
 
 
-@pytest.fixture(scope="module")
-def small_json(tmp_path_factory):
-    """10 first-hop facts and implications: 2 steps per epoch at batch 8."""
-    d = data.load_dataset("first_hop")
-    f = tmp_path_factory.mktemp("ds") / "small.json"
-    f.write_text(json.dumps({k: [{"prompt": e.prompt, "answer": e.answer} for e in d[k][:10]]
-                             for k in ("facts", "implications")}))
-    return str(f)
-
-
 @pytest.mark.distributed
 def test_two_processes_train_and_score_as_one(tmp_path, make_tiny, small_json):
     """torchrun --nproc_per_node 2 (gloo): the blocks sharded over two ranks, each training on the same batches.

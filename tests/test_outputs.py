@@ -21,15 +21,6 @@ def tiny_dir(tmp_path_factory, make_tiny):
 
 
 @pytest.fixture(scope="module")
-def small_json(tmp_path_factory):
-    d = data.load_dataset("first_hop")
-    f = tmp_path_factory.mktemp("ds") / "small.json"
-    f.write_text(json.dumps({k: [{"prompt": e.prompt, "answer": e.answer} for e in d[k][:6]]
-                             for k in ("facts", "implications")}))
-    return str(f)
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_dir, small_json, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
     train_main(tiny_dir, small_json, out)

@@ -22,16 +22,6 @@ def tiny_dir(tmp_path_factory, make_tiny):
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="module")
-def small_json(tmp_path_factory):
-    """10 first-hop facts and implications as a user dataset: 2 steps per epoch at batch 8."""
-    d = data.load_dataset("first_hop")
-    f = tmp_path_factory.mktemp("ds") / "small.json"
-    f.write_text(json.dumps({k: [{"prompt": e.prompt, "answer": e.answer} for e in d[k][:10]]
-                             for k in ("facts", "implications")}))
-    return str(f)
-
-
 def run_main(tiny_dir, small_json, out, *extra):
     metrics = train.main(["--model", str(tiny_dir), "--dataset", small_json, "--out", str(out), "--epochs", "1",
                           "--lr", "1e-2", "--device", "cpu", *extra])
