@@ -188,3 +188,21 @@ def test_sum_identity_and_the_exact_report(tmp_path):
     report, lines = X.compare(ex, {k: v[rows] for k, v in lin.items()}, L, H)
     assert set(report) == {"informative", "downstream", "upstream", "upstream_authors"} and len(lines) == 4
     assert report["informative"]["pearson_r"] > 0.99 and report["downstream"]["pearson_r"] > 0.99
+
+
+def test_alignment_buffers_live_on_the_activations_device():
+    """scores on a GPU: y* and the anchor means build their buffers on the activations' device, whatever device
+    the positions come from. Checked on the meta device, which refuses to mix with CPU tensors as CUDA does (the
+    landed code built its buffers on the CPU and failed here)."""
+    b = prompts()
+    N, T = b.ids.shape
+    y = torch.randn(N, T, 6)
+    for f in (S.aligned_mean_of_others, S.to_anchor):
+        want = f(y, b.pos, b.Ta)
+        got = f(y.to("meta"), b.pos, b.Ta)                        # positions stay on the CPU
+        assert got.device.type == "meta" and got.shape == want.shape
+    # and the values: y* is the mean over the other prompts at the aligned position
+    ystar = S.aligned_mean_of_others(y, b.pos, b.Ta)
+    t = b.pos[0, 0]
+    others = [y[i, (b.pos[i] == t).nonzero()[0, 0]] for i in range(1, N) if (b.pos[i] == t).any()]
+    torch.testing.assert_close(ystar[0, 0], torch.stack(others).mean(0))
