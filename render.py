@@ -3,8 +3,6 @@ Fig. 2 and Fig. 4 with standard-error bands over seeds, the chance line and the 
 gives them, and Fig. 6 pooled over seeds. Every file goes through _write, the one atomic writer."""
 from pathlib import Path
 
-import numpy as np
-
 import paper
 from claims import HOPS, ORDERS, assess, end_of_pretraining, final
 from outputs import write_atomic, write_json  # noqa: F401 (render.write_json)

@@ -307,7 +307,7 @@ def score(model_a, model_b, tok, examples, log=print):
     """Every linearized score, averaged over prompts on the anchor's positions: ({key: (Ta, L[, H])}, tokens).
     Under torchrun each rank runs the three batched passes on its share of the prompts (aligned on all of them;
     y* of eq. 6 sums over every rank's prompts); the per-prompt sums are added over the ranks."""
-    b = make_prompts(tok, examples, b_device(model_a))
+    b = make_prompts(tok, examples, next(model_a.parameters()).device)
     N, T = b.ids.shape
     n_ranks = dist.world_size()
     if N < n_ranks:
@@ -323,10 +323,6 @@ def score(model_a, model_b, tok, examples, log=print):
     # to_anchor's mean over this rank's prompts, back to a sum, added over the ranks, over all N prompts
     return {k: (dist.all_reduce_sum(to_anchor(v, mine.pos, b.Ta) * n_mine) / N).cpu() for k, v in lin.items()}, \
         tokens, b
-
-
-def b_device(model):
-    return next(model.parameters()).device
 
 
 def write(out, scores_, tokens, settings, title, overwrite=False, log=print):
