@@ -330,10 +330,11 @@ CLAIMS = [fig2_claim(hop) for hop in HOPS] + [
 ]
 
 
-def assess(res):
-    """One dict per claim: id, title, wording, precondition (text), verdict, criterion, evidence."""
+def assess(res, ids=None):
+    """One dict per claim (those in `ids`, default all): id, title, wording, precondition (text), verdict,
+    criterion, evidence."""
     out = []
-    for c in CLAIMS:
+    for c in CLAIMS if ids is None else [c for c in CLAIMS if c.id in ids]:
         row = {"id": c.id, "title": c.title, "wording": c.wording, "criterion": c.criterion_text}
         d = c.data(res)
         if d is None:

@@ -3,8 +3,9 @@ entry per seed, None where that seed's stage failed or did not run, so that two 
 
 Layout under --work/seed{s}: first_hop/ and second_hop/metrics.json (train.py), scores_{hop}/scores.safetensors
 (scores.py), freeze_post_{hop}.json, {hop}_{early,late}_pre/metrics.json, graft/results.json (graft.py
---experiment), daxwug_impl_first/ and daxwug_joint/metrics.json, preconditions.json (the base model's knowledge,
-preconditions.base_knowledge) and stage_times.json.
+--experiment), daxwug_{impl_first,joint,facts_first_replay}/metrics.json, preconditions.json (the base model's
+knowledge, preconditions.base_knowledge), salience.json (preconditions.salience), stage_times.json; with --grid,
+grid/ (sweep.py) and gentle/ (graft/ and the daxwug orderings again, at the grid's gentlest cell).
 """
 import json
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 
 import paper
+import sweep
 from claims import HOPS, LATE, ORDERS
-from stats import fig6_stats
+from stats import fig6_stats, spearman_pooled
 
 T2_ROWS = tuple(paper.TABLE2)
 
@@ -74,6 +76,53 @@ def fig6_pooled(per_seed):
     return out
 
 
+def orders_and_graft(dirs):
+    """Fig. 4 (every ordering, replay included), Table 3 and Fig. 6 from the per-seed directories `dirs` (each
+    holding graft/ and daxwug_*/): {"fig4", "table3", "fig6", "fig6_sources", "fig6_png", "settings"}."""
+    n = len(dirs)
+    out = {"fig4": {o: [None] * n for o in ORDERS + ("facts_first_replay",)}, "table3": None, "fig6": None,
+           "fig6_sources": [None] * n, "fig6_png": None, "settings": None}
+    t3, graft_runs = {}, [None] * n
+    for i, w in enumerate(dirs):
+        g = read_json(w / "graft" / "results.json")
+        if g:
+            for wname, cols in g["table3"].items():
+                for c, v in cols.items():
+                    t3.setdefault(wname, {}).setdefault(c, [None] * n)[i] = v
+            graft_runs[i] = g["fig6"]
+            out["fig6_sources"][i] = str(w / "graft" / "results.json")
+            out["fig6_png"] = out["fig6_png"] or str(w / "graft" / "fig6.png")
+            out["fig4"]["facts_first"][i] = g["fig4_facts_first"]
+            out["settings"] = out["settings"] or g.get("settings") or {}
+        for order in ("impl_first", "joint", "facts_first_replay"):
+            m = read_json(w / f"daxwug_{order}" / "metrics.json")
+            out["fig4"][order][i] = m["records"] if m else None
+    out["table3"] = t3 or None
+    out["fig6"] = fig6_pooled(graft_runs)
+    return out
+
+
+def salience_pooled(per_seed):
+    """Per hop: Spearman's rho of the base model's known-hop margin (and rank) against the finetune's implication
+    rank, ranked within seed and pooled over seeds with a within-seed permutation test (stats.spearman_pooled)."""
+    out = {}
+    for hop in HOPS:
+        rows = [(s, x) for s, sal in enumerate(per_seed) if sal and hop in sal for x in
+                zip(sal[hop]["base_margin"], sal[hop]["base_rank"], sal[hop]["impl_rank"])]
+        if not rows:
+            continue
+        strata = [s for s, _ in rows]
+        margin, brank, impl = ([x[k] for _, x in rows] for k in range(3))
+        rho_m, p_m, n = spearman_pooled(margin, impl, strata)
+        rho_r, p_r, _ = spearman_pooled(brank, impl, strata)
+        out[hop] = {"rho_margin": rho_m, "p_margin": p_m, "rho_rank": rho_r, "p_rank": p_r, "n": n,
+                    "n_seeds": len(set(strata)),
+                    "per_seed_rho_margin": [spearman_pooled(sal[hop]["base_margin"], sal[hop]["impl_rank"],
+                                                            [0] * len(sal[hop]["impl_rank"]))[0]
+                                            if sal and hop in sal else None for sal in per_seed]}
+    return out or None
+
+
 def collect(model, seeds, work):
     """Everything REPORT.md needs, from the stage outputs under `work`."""
     work = Path(work)
@@ -81,19 +130,19 @@ def collect(model, seeds, work):
     res = {"model": str(model), "seeds": list(seeds), "work": str(work), "settings": {}, "stage_times": {},
            "fig2": {h: [None] * n for h in HOPS}, "fig3": {h: {"png": None, "stats": [None] * n} for h in HOPS},
            "table2": {row: {h: {"fact": [None] * n, "impl": [None] * n} for h in HOPS} for row in T2_ROWS},
-           "fig4": {o: [None] * n for o in ORDERS}, "table3": None, "fig6": None, "fig6_png": None,
-           "fig6_sources": [None] * n, "preconditions": [None] * n}
-    t3, graft_runs = {}, [None] * n
+           "preconditions": [None] * n}
 
     def add(row, hop, i, rec):
         if rec is not None:
             res["table2"][row][hop]["fact"][i] = rec["fact_mean_rank"]
             res["table2"][row][hop]["impl"][i] = rec["impl_mean_rank"]
 
+    salience = [None] * n
     for i, seed in enumerate(seeds):
         w = work / f"seed{seed}"
         res["stage_times"][str(seed)] = read_json(w / "stage_times.json") or {}
         res["preconditions"][i] = read_json(w / "preconditions.json")
+        salience[i] = read_json(w / "salience.json")
         for hop in HOPS:
             m = read_json(w / hop / "metrics.json")
             if m:
@@ -117,18 +166,11 @@ def collect(model, seeds, work):
             if sc.exists():
                 res["fig3"][hop]["stats"][i] = localization(sc)
                 res["fig3"][hop]["png"] = res["fig3"][hop]["png"] or str(sc.with_name("scores.png"))
-        g = read_json(w / "graft" / "results.json")
-        if g:
-            for wname, cols in g["table3"].items():
-                for c, v in cols.items():
-                    t3.setdefault(wname, {}).setdefault(c, [None] * n)[i] = v
-            graft_runs[i] = g["fig6"]
-            res["fig6_sources"][i] = str(w / "graft" / "results.json")
-            res["fig6_png"] = res["fig6_png"] or str(w / "graft" / "fig6.png")
-            res["fig4"]["facts_first"][i] = g["fig4_facts_first"]
-        for order in ("impl_first", "joint"):
-            m = read_json(w / f"daxwug_{order}" / "metrics.json")
-            res["fig4"][order][i] = m["records"] if m else None
-    res["table3"] = t3 or None
-    res["fig6"] = fig6_pooled(graft_runs)
+    og = orders_and_graft([work / f"seed{s}" for s in seeds])
+    del og["settings"]
+    res.update(og)
+    res["salience"] = salience_pooled(salience)
+    res["grid"] = sweep.collect_grid(work, seeds)
+    gentle = orders_and_graft([work / f"seed{s}" / "gentle" for s in seeds])
+    res["gentle"] = gentle if gentle["settings"] is not None else None
     return res

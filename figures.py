@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 import paper
+import sweep
 from claims import HOPS, ORDERS
 from render import _write
 
@@ -51,11 +52,12 @@ def fig2(plt, res):
 
 
 def fig4(plt, res):
-    runs = {o: [r for r in res["fig4"][o] if r] for o in ORDERS}
+    orders = ORDERS + ("facts_first_replay",)
+    runs = {o: [r for r in res["fig4"].get(o) or [] if r] for o in orders}
     if not any(runs.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for o, color in zip(ORDERS, ("C0", "C1", "C2")):
+    for o, color in zip(orders, ("C0", "C1", "C2", "C3")):
         if not runs[o]:
             continue
         pre = [[x for x in r if x["phase"].startswith("pretrain")] for r in runs[o]]
@@ -85,16 +87,22 @@ def fig6(plt, res):
             if p and Path(p).exists()]
     if not f6 or not runs:
         return None
+    return fig6_scatter(plt, runs, f6)
+
+
+def fig6_scatter(plt, runs, stats_):
+    """Fig. 6: downstream against informative entries of each (seed, graft.py's fig6 dict) in `runs`, standardized
+    within seed, titled with `stats_` {comp: {"r", "p_perm", "n"}} (pooled, or one seed's own)."""
     z = lambda v: (np.asarray(v, np.float64) - np.mean(v)) / (np.std(v) or 1.0)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, comp in zip(axes, ("mlp", "heads")):
         for seed, g in runs:
             ax.scatter(z(g[comp]["downstream"]), z(g[comp]["informative"]), s=6, alpha=0.4, label=f"seed {seed}")
-        x = f6[comp]
+        x = stats_[comp]
         ax.set(xlabel="downstream score (W_F,ImplF -> + test facts), z within seed",
                ylabel="informative score (W_F' -> W_graft), z within seed",
-               title=f"{'MLPs' if comp == 'mlp' else 'heads'}: r = {x['r']:+.3f}, permutation p = {x['p_perm']:.2g}, "
-                     f"n = {x['n']}")
+               title=f"{'MLPs' if comp == 'mlp' else 'heads'} (position x layer{' x head' * (comp == 'heads')}): "
+                     f"r = {x['r']:+.3f}, permutation p = {x['p_perm']:.2g}, n = {x['n']}")
         ax.title.set_fontsize(8)
         ax.xaxis.label.set_fontsize(7)
         ax.yaxis.label.set_fontsize(7)
@@ -109,7 +117,7 @@ def make_figures(res, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out, figs = Path(out), {}
-    for key, draw in (("fig2", fig2), ("fig4", fig4), ("fig6", fig6)):
+    for key, draw in (("fig2", fig2), ("fig4", fig4), ("fig6", fig6), ("grid", sweep.heatmaps)):
         fig = draw(plt, res)
         if fig is not None:
             _write(out / f"{key}.png", fig)

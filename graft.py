@@ -138,41 +138,32 @@ def right_aligned(a, b):
     return a[-n:], b[-n:]
 
 
-def scatter(fig6, path):
+def scatter(fig6, seed, path):
+    """This experiment's Fig. 6 (figures.fig6_scatter, as in REPORT.md for one seed) to `path`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, comp in zip(axes, ("mlp", "heads")):
-        f = fig6[comp]
-        ax.scatter(f["downstream"], f["informative"], s=4 if comp == "heads" else 10, alpha=0.5)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.axvline(0, color="grey", lw=0.5)
-        ax.set(xlabel="downstream score (OCR finetune of W_F,ImplF on test facts)",
-               ylabel="informative score (W_F' -> W_graft, Impl F')",
-               title=f"{'MLPs' if comp == 'mlp' else 'heads'} (position x layer{' x head' * (comp == 'heads')}"
-                     f"): r = {f['r']:.3f}, p = {f['p']:.2g}, n = {f['n']}")
-        ax.title.set_fontsize(8)
-        ax.xaxis.label.set_fontsize(8)
-        ax.yaxis.label.set_fontsize(8)
-    fig.tight_layout()
+    from figures import fig6_scatter
+    fig = fig6_scatter(plt, [(seed, fig6)], {c: {"r": v["r"], "p_perm": v["p"], "n": v["n"]} for c, v in fig6.items()})
     save_figure(fig, path)
 
 
-def work_settings(model, seed, device, overwrite=False):
-    """train.py's defaults for the experiment's stages."""
+def work_settings(model, seed, device, overwrite=False, lr=None, epochs=8):
+    """train.py's defaults for the experiment's stages (lr None: train.default_lr)."""
     return train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads(),
-                          overwrite=overwrite)
+                          overwrite=overwrite, lr=lr, epochs=epochs)
 
 
-def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=print, base_model=None):
-    """Table 3 and Fig. 6 (Sec. 6.2) into the work directory `out`. `base_model`: the base, already loaded."""
+def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=print, base_model=None, lr=None,
+               epochs=8):
+    """Table 3 and Fig. 6 (Sec. 6.2) into the work directory `out`. `base_model`: the base, already loaded; `lr`,
+    `epochs`: every stage's training (default: train.py's)."""
     out = work_dir(out, "graft-experiment")
     t0 = time.time()
     d = data.load_dataset("daxwug", seed=seed)
     F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
     base = resolve(model)
-    s = work_settings(model, seed, device)
+    s = work_settings(model, seed, device, lr=lr, epochs=epochs)
     times = {}
 
     def timed(name, fn):
@@ -228,7 +219,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
         fig6[comp] = {"r": r, "p": st["p_perm"], "n": st["n"], "shape": list(dn.shape),
                       "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
         log(f"[graft] Fig. 6 {comp}: r = {r:.3f}, p = {fig6[comp]['p']:.3g} over {dn.numel()} entries")
-    scatter(fig6, out / "fig6.png")
+    scatter(fig6, seed, out / "fig6.png")
     times["fig6_scores"] = round(time.time() - t, 1)
 
     # Fig. 4's facts-first ordering is this chain (W_F, W_F,ImplF, then the test facts): the same phases, seeds
@@ -237,6 +228,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
         [{**r, "phase": "pretrain_impls"} for r in swap(m_fi["records"])] + \
         [{**r, "phase": "finetune"} for r in m_ft["records"]]
     results = {"settings": {"model": str(model), "base_dir": str(base), "seed": seed, "dataset": "daxwug",
+                            "lr": s.lr, "epochs": s.epochs,
                             "fig6_units": "entries: position x layer (MLPs), position x layer x head (heads)",
                             "pearson_p": "permutation test (stats.perm_pearson), two-sided"},
                "table3": ranks, "paper_table3": {k: dict(zip(TABLE3_COLS, v)) for k, v in PAPER_TABLE3.items()},
@@ -245,6 +237,25 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     write_json(out / "results.json", results)
     log(f"[graft] wrote {out}/results.json, fig6.png ({results['wall_time_s']:.0f} s)")
     return results
+
+
+def impl_first(s, w, log=print):
+    """Fig. 4 implications-first in the report's work directory `w`: the experiment's W_ImplF (the base trained on
+    Impl F, w/graft), then the train facts, then the test facts; the phases, seed and fresh optimizers of
+    `train.py --order impl_first`, one training fewer."""
+    d = data.load_dataset("daxwug", seed=s.seed)
+    g, out = w / "graft", work_dir(w / "daxwug_impl_first", "report-stage")
+    if not (g / "W_ImplF" / "metrics.json").exists():
+        raise RuntimeError(f"{g / 'W_ImplF'} is missing: the graft stage has to run first")
+    first = read_json(g / "W_ImplF" / "metrics.json")
+    second = train_stage(g / "W_ImplF", d["train_facts"], d["train_impls"], out / "W_ImplF_F", s, log)
+    third = train_stage(out / "W_ImplF_F", d["test_facts"], d["test_impls"], out / "W_ImplF_F_test", s, log)
+    records = [{**r, "phase": "pretrain_impls"} for r in swap(first["records"])] + \
+        [{**r, "phase": "pretrain_facts"} for r in second["records"]] + \
+        [{**r, "phase": "finetune"} for r in third["records"]]
+    write_json(out / "metrics.json", {"order": "impl_first", "seed": s.seed, "records": records,
+                                      "built_from": [str(g / "W_ImplF"), str(out / "W_ImplF_F"),
+                                                     str(out / "W_ImplF_F_test")]})
 
 
 def main(argv=None):

@@ -6,8 +6,16 @@ says nothing about extractive structures, and the claims report 'inconclusive' (
 base_knowledge measures, with the mean rank of Sec. 3 among the split's 20 answers, the known hops alone and
 both hops with the new fact given in context (can the model compose them at all, with nothing finetuned?).
 report.py runs it as a stage and writes its dict to seed{s}/preconditions.json.
+
+salience goes beyond the paper, after Ghosal et al. ("Understanding Finetuning for Factual Knowledge Extraction":
+finetuning on facts the model knows well generalizes better): per implication, how well the base model knows its
+known hop (its logit margin and rank on the pair's own city -> language or landmark -> city) against the rank of
+that implication after the finetune. report.py writes it to seed{s}/salience.json; collect.py correlates them.
 """
+import torch
+
 import data
+from checkpoint import from_pretrained
 
 
 def known_hop_examples(seed=0):
@@ -34,4 +42,36 @@ def base_knowledge(model, tok, seed=0):
     out["n"] = {k: len(v) for k, v in ex.items()}
     out["example_prompt"] = {k: f"{v[0].prompt} -> {v[0].answer}" for k, v in ex.items()}
     out["seed"] = seed
+    return out
+
+
+def per_prompt(model, tok, examples):
+    """(ranks, margins) per example: the mean-rank metric's rank among the split's answers, and the logit of the
+    right answer's first token minus the best other candidate's (> 0: the model answers right)."""
+    _, cands, correct = data.candidates(tok, examples)
+    full = data.last_logits(model, tok, examples)                            # (N, V)
+    logits = full[:, cands]                                                  # (N, C)
+    own = logits.gather(1, correct[:, None]).squeeze(1)
+    others = logits.scatter(1, correct[:, None], float("-inf")).max(1).values
+    ranks = data.ranks_from_logits(full, correct, cands)
+    return ranks.tolist(), (own - others).tolist()
+
+
+def salience(base_model, tok, finetunes, seed=0, device="cpu"):
+    """{hop: {"prompts", "base_rank", "base_margin" (the known hop, base model), "impl_rank" (the finetune)}}
+    for each hop's finetune directory in `finetunes`; the known-hop prompt of each implication is the one about
+    its own pair's city (landmark), asked among the 20 cities' answers as in base_knowledge."""
+    pairs = data.hop_pairs(seed)                                   # implication i is about pairs[i]
+    known = {"first_hop": [data.Example(f"The people in the city of {c} speak", lang) for _, (c, lang, _) in pairs],
+             "second_hop": [data.Example(f"{lm} is in the city of", c) for _, (c, _, lm) in pairs]}
+    out = {}
+    for hop, ckpt in finetunes.items():
+        b_rank, b_margin = per_prompt(base_model, tok, known[hop])
+        with torch.no_grad():
+            ft = from_pretrained(ckpt, device=device)
+            impl = data.load_dataset(hop, seed=seed)["implications"]
+            i_rank, _ = per_prompt(ft, tok, impl)
+            del ft
+        out[hop] = {"prompts": [e.prompt for e in impl], "known_prompts": [e.prompt for e in known[hop]],
+                    "base_rank": b_rank, "base_margin": b_margin, "impl_rank": i_rank}
     return out

@@ -4,6 +4,7 @@ gives them, and Fig. 6 pooled over seeds. Every file goes through _write, the on
 from pathlib import Path
 
 import paper
+import sweep
 from claims import HOPS, ORDERS, assess, end_of_pretraining, final
 from outputs import write_atomic, write_json  # noqa: F401 (render.write_json)
 from stats import mean_se, present
@@ -106,26 +107,9 @@ def render(res, figures):
         L.append(f"| {row} | " + " | ".join(cells) + " |")
     L += ["", "None: the plain finetune; All: the base model; Early / Late: layers reset to the base after finetuning; "
           "(pre): those layers never trained.", ""]
-    L += ["## Fig. 4: data ordering in continued pretraining (daxwug)", "", f"Paper: {paper.FIG4_CLAIM}.", "",
-          "| ordering | train fact, end of pretraining | train impl, end of pretraining | test fact | test impl |",
-          "|---|---|---|---|---|"]
-    for o in ORDERS:
-        f, i = ranks(res["fig4"][o], end_of_pretraining)
-        tf, ti = ranks(res["fig4"][o], lambda r: final(r, "finetune"))
-        L.append(f"| {o} | {cell(f, n)} | {cell(i, n)} | {cell(tf, n)} | {cell(ti, n)} |")
-    L += ["", "(train ranks at the last record of continued pretraining, both splits: a phase that learned its "
-          "split and then forgot it shows here; test ranks after the test-fact finetune)", "",
-          img("fig4", "Fig. 4: continued pretraining (left), finetuning on test facts (right)"), ""]
-    L += ["## Table 3: weight grafting", "", "| weights | " + " | ".join(f"{c} | paper" for c in paper.TABLE3_COLS)
-          + " |", "|---" * 7 + "|"]
-    t3 = res["table3"] or {}
-    for w, pv in paper.TABLE3.items():
-        L.append(f"| {w} | " + " | ".join(f"{cell(t3.get(w, {}).get(c), n)} | {p:.2f}"
-                                          for c, p in zip(paper.TABLE3_COLS, pv)) + " |")
-    if "W (base)" in t3:
-        L.append("| W (base, ours only) | " + " | ".join(f"{cell(t3['W (base)'].get(c), n)} | —"
-                                                         for c in paper.TABLE3_COLS) + " |")
-    L += ["", "W_graft = W_F' + (W_F,ImplF - W_F); W~_graft = W_F' + (W_ImplF - W).", ""]
+    L += ["## Fig. 4: data ordering in continued pretraining (daxwug)", "", f"Paper: {paper.FIG4_CLAIM}.", ""]
+    L += fig4_table(res) + ["", img("fig4", "Fig. 4: continued pretraining (left), finetuning on test facts (right)"), ""]
+    L += ["## Table 3: weight grafting", ""] + table3_table(res) + [""]
     L += ["## Fig. 6: downstream against informative scores of the graft", "", f"Paper: {paper.FIG6_CLAIM}.", "",
           "| components | entries | seeds | pooled Pearson r | permutation p | per-seed r |", "|---|---|---|---|---|---|"]
     f6 = res["fig6"] or {}
@@ -134,6 +118,7 @@ def render(res, figures):
         L.append(f"| {c} | {x['n']} ({x['units']}) | {x['n_seeds']} | {x['r']:+.3f} | {x['p_perm']:.2g} | "
                  f"{seeds_cell(x['per_seed_r'])} |" if x else f"| {c} | — | — | — | — | — |")
     L += ["", img("fig6", "Fig. 6: entries standardized within seed, MLPs (left) and heads (right)"), ""]
+    L += salience_section(res) + sweep.grid_section(res, img) + gentle_section(res)
     L += times_section(res)
     return "\n".join(L)
 
@@ -188,3 +173,71 @@ def times_section(res):
                 failed.append(f"- seed {seed}: {name}: {t.get('error')}")
     L += ["", f"Total of the timed stages: {total:.0f} s ({total / 60:.1f} min).", ""]
     return L + (["## Failed stages", ""] + failed + [""] if failed else [])
+
+
+def fig4_table(res):
+    n = len(res["seeds"])
+    L = ["| ordering | train fact, end of pretraining | train impl, end of pretraining | test fact | test impl |",
+         "|---|---|---|---|---|"]
+    for o in ORDERS + ("facts_first_replay",):
+        runs = res["fig4"].get(o) or []
+        if o not in ORDERS and not any(runs):
+            continue
+        f, i = ranks(runs, end_of_pretraining)
+        tf, ti = ranks(runs, lambda r: final(r, "finetune"))
+        name = o if o in ORDERS else f"{o} (ours: the facts replayed in the implication phase)"
+        L.append(f"| {name} | {cell(f, n)} | {cell(i, n)} | {cell(tf, n)} | {cell(ti, n)} |")
+    return L + ["", "(train ranks at the last record of continued pretraining, both splits: a phase that learned "
+                "its split and then forgot it shows here; test ranks after the test-fact finetune)"]
+
+
+def table3_table(res):
+    n = len(res["seeds"])
+    L = ["| weights | " + " | ".join(f"{c} | paper" for c in paper.TABLE3_COLS) + " |", "|---" * 7 + "|"]
+    t3 = res["table3"] or {}
+    for w, pv in paper.TABLE3.items():
+        L.append(f"| {w} | " + " | ".join(f"{cell(t3.get(w, {}).get(c), n)} | {p:.2f}"
+                                          for c, p in zip(paper.TABLE3_COLS, pv)) + " |")
+    if "W (base)" in t3:
+        L.append("| W (base, ours only) | " + " | ".join(f"{cell(t3['W (base)'].get(c), n)} | —"
+                                                         for c in paper.TABLE3_COLS) + " |")
+    return L + ["", "W_graft = W_F' + (W_F,ImplF - W_F); W~_graft = W_F' + (W_ImplF - W)."]
+
+
+def gentle_section(res):
+    """Fig. 4, Table 3 and Fig. 6 again at the grid's gentlest cell (sweep.gentlest), with their verdicts."""
+    g = res.get("gentle")
+    if not g:
+        return []
+    st = g["settings"]
+    rg = {**res, **{k: g[k] for k in ("fig4", "table3", "fig6")}}
+    L = [f"## Fig. 4, Table 3 and Fig. 6 at the gentle cell: lr {st['lr']:g} x {st['epochs']} epochs", "",
+         "The grid's first-hop cell that learns the facts with the smallest lr, then the fewest epochs (sweep.py): "
+         "the least update that still stores the facts, so the least to forget while the implications train. "
+         "The verdicts under the same criteria:", "", "| claim | precondition | verdict | ours |", "|---|---|---|---|"]
+    for a in assess(rg, ids=("fig4", "table3", "fig6")):
+        L.append(f"| {a['title']} | {a['precondition']} | **{a['verdict']}** | {a['evidence']} |")
+    L += ["", "### Fig. 4 at the gentle cell", ""] + fig4_table(rg) + ["", "### Table 3 at the gentle cell", ""]
+    return L + table3_table(rg) + [""]
+
+
+def salience_section(res):
+    """Beyond the paper (Ghosal et al.): does OCR succeed more often where the base model knows the known hop well?"""
+    sal = res.get("salience")
+    if not sal:
+        return []
+    L = ["## Beyond the paper: salience of the known hop and OCR", "",
+         "Ghosal et al. (\"Understanding Finetuning for Factual Knowledge Extraction\") find that finetuning on facts "
+         "a model knows well generalizes better. Per implication: the base model's logit margin (right answer minus "
+         "the best other candidate) and rank on the known hop of that implication's own pair (first hop: city -> "
+         "language; second hop: landmark -> city), against the implication's rank after the finetune. Spearman's "
+         "rho, ranked within seed, pooled over seeds, p from 10,000 permutations within seed. If salience helps, "
+         "rho(margin, implication rank) < 0 and rho(base rank, implication rank) > 0.", "",
+         "| hop | prompts x seeds | rho(margin, impl rank) | p | rho(base rank, impl rank) | p | per-seed rho(margin) |",
+         "|---|---|---|---|---|---|---|"]
+    for hop in HOPS:
+        x = sal.get(hop)
+        if x:
+            L.append(f"| {hop} | {x['n']} | {x['rho_margin']:+.3f} | {x['p_margin']:.2g} | {x['rho_rank']:+.3f} | "
+                     f"{x['p_rank']:.2g} | {seeds_cell(x['per_seed_rho_margin'])} |")
+    return L + [""]

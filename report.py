@@ -14,7 +14,13 @@ recorded and the rest go on):
     graft                          graft.experiment: Table 3, Fig. 6, and Fig. 4's facts-first ordering
     daxwug_impl_first              Fig. 4: graft's W_ImplF, then train facts, then test facts (graft.train_stage)
     daxwug_joint                   --dataset daxwug --order joint: Fig. 4
+    daxwug_facts_first_replay      --order facts_first_replay: Fig. 4's facts-first with the facts replayed in the
+                                   implication phase, the control for forgetting F (beyond the paper)
     preconditions.json             preconditions.base_knowledge: does the base model know the hops the claims need
+    salience.json                  preconditions.salience: per implication, the base model's knowledge of the known
+                                   hop against the finetune's rank (Ghosal et al., beyond the paper)
+With --grid, each seed's lr x epochs cells follow its stages, then Fig. 4, Table 3 and Fig. 6 again at the grid's
+gentlest cell (sweep.py).
 Then collect.collect() reads those outputs into results.json (every number per seed), claims.py judges each claim
 on the seed means, and render.render() (a pure function of the results) writes REPORT.md.
 """
@@ -33,6 +39,7 @@ import data
 import graft
 import preconditions
 import scores
+import sweep
 import train
 from checkpoint import DEFAULT_NAME, from_pretrained, load_tokenizer, resolve
 from outputs import atomic_dir, check_output, work_dir, write_json
@@ -91,31 +98,31 @@ def stages(model, seed, w, base, device):
             out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
     out.append(("graft", w / "graft" / "results.json",
                 lambda: graft.experiment(model, seed, w / "graft", device, log, base_model=base())))
-    out.append(("daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json", lambda: impl_first(s, w)))
-    d = w / "daxwug_joint"
-    out.append((d.name, d / "metrics.json", fine(d, dataset="daxwug", order="joint")))
+    out.append(("daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json", lambda: graft.impl_first(s, w, log)))
+    for order in ("joint", "facts_first_replay"):
+        d = w / f"daxwug_{order}"
+        out.append((d.name, d / "metrics.json", fine(d, dataset="daxwug", order=order)))
+    out.append(("salience", w / "salience.json", lambda: write_json(w / "salience.json", preconditions.salience(
+        base(), load_tokenizer(base().source), {hop: w / hop for hop in HOPS}, seed, device))))
     return out
 
 
-def impl_first(s, w):
-    """Fig. 4 implications-first: graft.py's W_ImplF (the base trained on Impl F), then the train facts, then the
-    test facts; the phases, seed and fresh optimizers of `train.py --order impl_first`, one training fewer."""
-    d = data.load_dataset("daxwug", seed=s.seed)
-    g, out = w / "graft", work_dir(w / "daxwug_impl_first", "report-stage")
-    first = read_json(g / "W_ImplF" / "metrics.json")
-    if first is None:
-        raise RuntimeError(f"{g / 'W_ImplF'} is missing: the graft stage has to run first")
-    second = graft.train_stage(g / "W_ImplF", d["train_facts"], d["train_impls"], out / "W_ImplF_F", s, log)
-    third = graft.train_stage(out / "W_ImplF_F", d["test_facts"], d["test_impls"], out / "W_ImplF_F_test", s, log)
-    records = [{**r, "phase": "pretrain_impls"} for r in graft.swap(first["records"])] + \
-        [{**r, "phase": "pretrain_facts"} for r in second["records"]] + \
-        [{**r, "phase": "finetune"} for r in third["records"]]
-    write_json(out / "metrics.json", {"order": "impl_first", "seed": s.seed, "records": records,
-                                      "built_from": [str(g / "W_ImplF"), str(out / "W_ImplF_F"),
-                                                     str(out / "W_ImplF_F_test")]})
+def gentle_stages(model, s: train.Settings, w, base, device, cell):
+    """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the gentle cell (lr, epochs)."""
+    lr, ep = cell
+    g = w / "gentle"
+    s = dataclasses.replace(s, lr=lr, epochs=ep)
+    fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
+    return [("gentle_graft", g / "graft" / "results.json",
+             lambda: graft.experiment(model, s.seed, g / "graft", device, log, base_model=base(), lr=lr, epochs=ep)),
+            ("gentle_daxwug_impl_first", g / "daxwug_impl_first" / "metrics.json", lambda: graft.impl_first(s, g, log)),
+            ("gentle_daxwug_joint", g / "daxwug_joint" / "metrics.json",
+             fine(g / "daxwug_joint", dataset="daxwug", order="joint")),
+            ("gentle_daxwug_facts_first_replay", g / "daxwug_facts_first_replay" / "metrics.json",
+             fine(g / "daxwug_facts_first_replay", dataset="daxwug", order="facts_first_replay"))]
 
 
-def run_stages(model, seeds, work, device="cpu"):
+def run_stages(model, seeds, work, device="cpu", grid=False):
     """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json."""
     loaded = []
 
@@ -124,28 +131,43 @@ def run_stages(model, seeds, work, device="cpu"):
             loaded.append(from_pretrained(model, device=device))
         return loaded[0]
 
+    settings = lambda seed: train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
     for seed in seeds:
         w = work_dir(work / f"seed{seed}", "report-work")
-        times_file = w / "stage_times.json"
-        times = read_json(times_file) or {}
         todo = stages(model, seed, w, base, device)
-        for i, (name, done, action) in enumerate(todo, 1):
-            if done.exists():
-                log(f"seed {seed} stage {i}/{len(todo)} {name}: done before, reused")
-                if times.get(name, {}).get("status") in (None, "failed"):     # finished outside this tool
-                    times[name] = {"status": "reused", "seconds": None}
-                continue
-            log(f"seed {seed} stage {i}/{len(todo)} {name}: running")
-            t0, load = time.time(), os.getloadavg()[0]
-            try:
-                action()
-                times[name] = {"status": "ok", "seconds": round(time.time() - t0, 1), "load_at_start": load}
-                log(f"seed {seed} {name}: done in {time.time() - t0:.0f} s")
-            except Exception as e:                 # report it and go on: finished stages stay as they are
-                times[name] = {"status": "failed", "seconds": round(time.time() - t0, 1), "error": str(e)[:300]}
-                log(f"seed {seed} {name}: FAILED: {type(e).__name__}: {e}")
-            gc.collect()                           # free the stage's models before the next one
-            write_json(times_file, times)
+        run_list(seed, w, todo + (sweep.grid_stages(settings(seed), w, base, log) if grid else []))
+    if grid:
+        cell = sweep.gentlest(sweep.collect_grid(work, seeds), len(seeds))
+        if cell is None:
+            log("grid: incomplete, or no first-hop cell learns the facts: no gentle cell, its stages are skipped")
+            return
+        log(f"grid: the gentle cell is lr {cell[0]:g} x {cell[1]} epochs")
+        for seed in seeds:
+            w = work / f"seed{seed}"
+            run_list(seed, w, gentle_stages(model, settings(seed), w, base, device, cell))
+
+
+def run_list(seed, w, todo):
+    """Run each (name, done marker, action) of `todo` whose marker does not exist yet, timing it."""
+    times_file = w / "stage_times.json"
+    times = read_json(times_file) or {}
+    for i, (name, done, action) in enumerate(todo, 1):
+        if done.exists():
+            if times.get(name, {}).get("status") in (None, "failed"):     # finished outside this tool
+                times[name] = {"status": "reused", "seconds": None}
+            continue
+        log(f"seed {seed} stage {i}/{len(todo)} {name}: running")
+        t0, load = time.time(), os.getloadavg()[0]
+        try:
+            action()
+            times[name] = {"status": "ok", "seconds": round(time.time() - t0, 1), "load_at_start": load}
+            log(f"seed {seed} {name}: done in {time.time() - t0:.0f} s")
+        except Exception as e:                 # report it and go on: finished stages stay as they are
+            times[name] = {"status": "failed", "seconds": round(time.time() - t0, 1), "error": str(e)[:300]}
+            log(f"seed {seed} {name}: FAILED: {type(e).__name__}: {e}")
+        gc.collect()                           # free the stage's models before the next one
+        write_json(times_file, times)
+    log(f"seed {seed}: {len(todo)} stages, {sum(d.exists() for _, d, _ in todo)} done")
 
 
 # --- the results: collect (collect.py), claims and verdicts (claims.py), REPORT.md (render.py), figures -------
@@ -171,6 +193,8 @@ def main(argv=None):
     p.add_argument("--work", default=None, help="stage outputs, checkpoints included (default runs/report/<model name>)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a report of ours")
     p.add_argument("--render-only", action="store_true", help="only rebuild REPORT.md from finished stages")
+    p.add_argument("--grid", action="store_true", help="also the lr x epochs grid, and Fig. 4 / Table 3 / Fig. 6 at "
+                   "its gentlest cell (sweep.py; about 25 min a seed on 2 CPU cores)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
     p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
     args = p.parse_args(argv)
@@ -184,7 +208,7 @@ def main(argv=None):
         t0 = time.time()
         check_output(out, "report", args.overwrite, log=log)       # before hours of stages, not after
         if not args.render_only:
-            run_stages(args.model, seeds, work, args.device)
+            run_stages(args.model, seeds, work, args.device, args.grid)
         res = write_report(args.model, seeds, work, out, args.overwrite)
         for claim, v, _, ev in verdicts(res):
             log(f"{v:>10}  {claim}  [{ev}]")

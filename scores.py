@@ -170,17 +170,21 @@ def late_gradients(model_a, model_b, b, ta):
     return g_attn, g_mlp
 
 
-def linearized(model_a, model_b, b):
+def linearized(model_a, model_b, b, log=lambda *_: None):
     """Per-prompt, per-position scores: dict of (N, T, L) for MLPs and (N, T, L, H) for heads. Keys
-    {informative, downstream, upstream, upstream_authors}.{mlp, attn}."""
+    {informative, downstream, upstream, upstream_authors}.{mlp, attn}. `log` hears after each pass."""
     cfg = model_a.config
     H, K, E, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     G = H // K
     N, T = b.ids.shape
     rope, mask = model_a.prepare(b.ids, b.mask)
+    t0 = time.time()
     ta = record(model_a, b)                                        # pass 1, at W
+    log(f"  pass 1/3 (forward and backward at W) done, {time.time() - t0:.0f} s")
     tb = record(model_b, b)                                        # pass 2, at W'
+    log(f"  pass 2/3 (forward and backward at W') done, {time.time() - t0:.0f} s")
     g_attn, g_mlp = late_gradients(model_a, model_b, b, ta)       # eq. 6's g', W_late <- W'_late
+    log(f"  eq. 6's partial passes ({L} layers) done, {time.time() - t0:.0f} s; pass 3/3 and the scores per layer")
     kinds = ("informative", "downstream", "upstream", "upstream_authors")
     out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")}
     with torch.no_grad():
@@ -315,7 +319,7 @@ def score(model_a, model_b, tok, examples, log=print):
     mine = b.subset(torch.arange(N, device=b.ids.device).chunk(n_ranks)[dist.rank()]) if n_ranks > 1 else b
     log(f"scoring {N} prompts ({T} positions): 3 batched passes and one partial pass per layer (eq. 6)"
         + (f", {n_ranks} processes" if n_ranks > 1 else ""))
-    lin = linearized(model_a, model_b, mine)
+    lin = linearized(model_a, model_b, mine, log)
     tokens = [tok.decode([i]) for i in b.ids[b.anchor, :b.Ta].tolist()]        # readable labels
     n_mine = mine.ids.shape[0]
     if n_ranks == 1:

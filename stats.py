@@ -122,3 +122,26 @@ def fig6_stats(downstream, informative, seed=0, strata=None):
     layer x head, flattened), with its permutation p; `strata` labels each entry's seed when seeds are pooled."""
     r, p, n = perm_pearson(downstream, informative, strata=strata, seed=seed)
     return {"r": r, "p_perm": p, "n": n}
+
+
+def midranks(v, strata=None):
+    """Ranks 0..n-1 within each stratum, ties sharing their mean rank: Spearman's rho is Pearson r of these."""
+    v = np.asarray(v, np.float64).ravel()
+    strata = np.zeros(len(v), int) if strata is None else np.asarray(strata).ravel()
+    out = np.empty_like(v)
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        vals = v[idx]
+        order = np.argsort(vals, kind="stable")
+        r = np.empty(len(vals))
+        r[order] = np.arange(len(vals), dtype=np.float64)
+        for u in np.unique(vals):                          # ties: the mean of the ranks they span
+            tie = vals == u
+            r[tie] = r[tie].mean()
+        out[idx] = r
+    return out
+
+
+def spearman_pooled(x, y, strata, seed=0):
+    """Spearman's rho of x and y ranked within each stratum (seed), pooled as perm_pearson pools: (rho, p, n)."""
+    return perm_pearson(midranks(x, strata), midranks(y, strata), strata=strata, seed=seed)

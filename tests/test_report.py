@@ -27,7 +27,8 @@ def write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=1.0, impl_first_forgets=False):
+def stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=1.0, impl_first_forgets=False,
+              seed=None):
     """Stage outputs of one seed, as the stages write them, with numbers that reproduce every claim."""
     args = {"lr": 3e-4, "epochs": 2, "batch_size": 8, "constant_lr": False, "dtype": "float32", "train_all": False,
             "threads": 2}
@@ -59,7 +60,8 @@ def stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=1
           "W_F'": {"Impl F'": 9.0, "Impl F": 8.5, "F'": 0.0},
           "W_graft": {"Impl F'": 1.0 if graft_ok else 9.0, "Impl F": 3.0, "F'": 0.1},
           "W~_graft": {"Impl F'": 8.4, "Impl F": 0.4, "F'": 0.3}}
-    g = torch.Generator().manual_seed(int(w.name.removeprefix("seed")))   # per-entry scores (Ta, L), (Ta, L, H)
+    seed = int(w.name.removeprefix("seed")) if seed is None else seed
+    g = torch.Generator().manual_seed(seed)                          # per-entry scores (Ta, L), (Ta, L, H)
     f6 = {}
     for c, shape in (("mlp", [5, 6]), ("heads", [5, 6, 2])):
         x = torch.randn(shape, generator=g).flatten()

@@ -1,0 +1,168 @@
+"""The learning-rate x epochs grid (the authors' sweep, Sec. 5.1 and their heatmaps) and the paper's data-ordering and
+grafting experiments (Fig. 4, Table 3, Fig. 6) again at the grid's gentlest cell, where forgetting is least.
+
+    python report.py --grid            # after the report's stages: the grid, then the gentle cell; one REPORT.md
+
+For each hop, lr in LRS x epochs in EPOCHS x the report's seeds: train.run on a copy of the loaded base with
+eval "final" (the ranks after the last epoch only: nothing else of a cell is reported) and no checkpoint, one
+small JSON per cell under --work/seed{s}/grid/. A cell whose training diverges is recorded as diverged. The
+report runs the seeds one after the other, so a grid cut short covers every cell with its first seeds.
+
+The gentle cell: at lr 3e-4 x 8 epochs (the default), training W_F on Impl F makes it forget F, so Table 3's
+W_graft carries unlearning of F. The authors' own rates are 10-100x lower. We take the first-hop cell that
+learns the facts (seed mean <= claims.LEARNED) with the smallest lr, then the fewest epochs: the least update
+that still stores the facts, so the least to forget. graft.experiment and the Fig. 4 orderings (with the
+facts-first ordering that replays the facts, train.make_phases) run again there, under --work/seed{s}/gentle/
+(report.gentle_stages).
+"""
+import copy
+import dataclasses
+
+import train
+from claims import HOPS, LEARNED, CLEAR, consistent, fmt, fmt_diff
+from checkpoint import read_json
+from outputs import write_json
+from stats import mean, paired
+
+LRS = (3e-5, 1e-4, 3e-4, 1e-3)       # the authors swept {1e-6, 3e-6, 1e-5, 3e-5} for 7B models; ours is 135M
+EPOCHS = (4, 8, 12, 16)              # the authors' epochs
+
+
+def cell_name(hop, lr, epochs):
+    return f"{hop}_lr{lr:g}_ep{epochs}"
+
+
+def run_cell(base, s: train.Settings, path, log):
+    """Train one cell from a copy of the loaded base; write its final ranks (or that it diverged) to `path`."""
+    out = {"hop": s.dataset, "lr": s.lr, "epochs": s.epochs, "seed": s.seed}
+    path.parent.mkdir(parents=True, exist_ok=True)                  # inside the report's work directory
+    try:
+        _, metrics = train.run(s, log=lambda *_: None, model=copy.deepcopy(base()))
+    except train.UserError as e:                                # divergence: a result of the cell, not a failure
+        if "diverged" not in str(e):
+            raise
+        write_json(path, {**out, "diverged": True, "error": str(e)})
+        log(f"grid {cell_name(s.dataset, s.lr, s.epochs)} seed {s.seed}: diverged")
+        return
+    r = metrics["records"][-1]
+    write_json(path, {**out, "diverged": False, "loss": r["loss"], "fact_mean_rank": r["fact_mean_rank"],
+                      "impl_mean_rank": r["impl_mean_rank"], "seconds": round(metrics["wall_time_s"], 1)})
+    log(f"grid {cell_name(s.dataset, s.lr, s.epochs)} seed {s.seed}: fact {r['fact_mean_rank']:.2f} "
+        f"impl {r['impl_mean_rank']:.2f}")
+
+
+def grid_stages(s: train.Settings, w, base, log):
+    """(name, output, action) of one seed's grid cells; `s`: the report's settings for that seed."""
+    out = []
+    for hop in HOPS:
+        for lr in LRS:
+            for ep in EPOCHS:
+                path = w / "grid" / f"{cell_name(hop, lr, ep)}.json"
+                c = dataclasses.replace(s, dataset=hop, lr=lr, epochs=ep, eval="final")
+                out.append((f"grid_{cell_name(hop, lr, ep)}", path, lambda c=c, path=path: run_cell(base, c, path, log)))
+    return out
+
+
+def collect_grid(work, seeds):
+    """{hop: {(lr, epochs) as "lr:epochs": {"fact": [per seed], "impl": [...], "diverged": [...]}}}, or None when
+    no cell has run."""
+    out, any_cell = {}, False
+    for hop in HOPS:
+        for lr in LRS:
+            for ep in EPOCHS:
+                c = {"fact": [], "impl": [], "diverged": []}
+                for seed in seeds:
+                    f = work / f"seed{seed}" / "grid" / f"{cell_name(hop, lr, ep)}.json"
+                    r = read_json(f, "grid cell") if f.exists() else None
+                    any_cell |= r is not None
+                    ok = r is not None and not r["diverged"]
+                    c["fact"].append(r["fact_mean_rank"] if ok else None)
+                    c["impl"].append(r["impl_mean_rank"] if ok else None)
+                    c["diverged"].append(None if r is None else r["diverged"])
+                out.setdefault(hop, {})[f"{lr:g}:{ep}"] = c
+    return out if any_cell else None
+
+
+def complete(grid, hop, n_seeds):
+    return grid is not None and all(len([x for x in c["diverged"] if x is not None]) == n_seeds
+                                    for c in grid[hop].values())
+
+
+def gentlest(grid, n_seeds):
+    """(lr, epochs) of the first-hop cell that learns the facts with the smallest lr, then the fewest epochs; None
+    until every first-hop cell has run on every seed, or when no cell learns them."""
+    if not complete(grid, "first_hop", n_seeds):
+        return None
+    for lr in LRS:
+        for ep in EPOCHS:
+            c = grid["first_hop"][f"{lr:g}:{ep}"]
+            if not any(c["diverged"]) and mean(c["fact"]) is not None and mean(c["fact"]) <= LEARNED:
+                return lr, ep
+    return None
+
+
+# --- REPORT.md: heatmaps and the grid's section ----------------------------------------------------------
+
+def heatmaps(plt, res):
+    """Per hop, the seed-mean fact and implication ranks over lr x epochs (rows lr, columns epochs)."""
+    import numpy as np
+    grid = res.get("grid")
+    if not grid:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(8.5, 7))
+    for row, hop in zip(axes, HOPS):
+        for ax, kind in zip(row, ("fact", "impl")):
+            m = np.array([[mean(grid[hop][f"{lr:g}:{ep}"][kind]) if mean(grid[hop][f"{lr:g}:{ep}"][kind]) is not None
+                           else np.nan for ep in EPOCHS] for lr in LRS])
+            im = ax.imshow(m, vmin=0, vmax=2 * 9.5, cmap="viridis_r")
+            for i in range(len(LRS)):
+                for j in range(len(EPOCHS)):
+                    ax.text(j, i, "div" if np.isnan(m[i, j]) else f"{m[i, j]:.1f}", ha="center", va="center",
+                            fontsize=8, color="white" if np.isnan(m[i, j]) or m[i, j] > 9 else "black")
+            ax.set(xticks=range(len(EPOCHS)), xticklabels=EPOCHS, yticks=range(len(LRS)),
+                   yticklabels=[f"{lr:g}" for lr in LRS], xlabel="epochs", ylabel="peak lr",
+                   title=f"{hop.replace('_', '-')}: {'facts' if kind == 'fact' else 'implications'}")
+            ax.title.set_fontsize(9)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="mean rank (chance 9.5)")
+    fig.suptitle(f"mean over {len(res['seeds'])} seed(s)", fontsize=8)
+    return fig
+
+
+def grid_section(res, img):
+    """The grid as tables (fact / impl per cell), where the facts are learned, and whether a cell shows OCR."""
+    grid = res.get("grid")
+    if not grid:
+        return []
+    n = len(res["seeds"])
+    L = ["## Learning rate x epochs grid", "",
+         f"Each cell: one finetune per seed at that peak lr and number of epochs (warmup and linear decay as "
+         f"everywhere), ranks after the last epoch; fact / implication mean rank, seed mean (sweep.py). "
+         f"Learned: fact rank <= {LEARNED}. OCR: facts learned and the implication rank >= {CLEAR} below the "
+         f"base model's (Table 2 All) on every seed (paired).", "", img("grid", "grid heatmaps"), ""]
+    for hop in HOPS:
+        base = res["table2"]["All"][hop]["impl"]
+        L += [f"### {hop.replace('_', '-')} (base model's implication rank {fmt(base)})", "",
+              "| lr \\ epochs | " + " | ".join(map(str, EPOCHS)) + " |", "|---" * (len(EPOCHS) + 1) + "|"]
+        learned, ocr = [], []
+        for lr in LRS:
+            row = []
+            for ep in EPOCHS:
+                c = grid[hop][f"{lr:g}:{ep}"]
+                if any(c["diverged"]):
+                    row.append(f"diverged on {sum(bool(x) for x in c['diverged'])} seed(s)")
+                    continue
+                f, i = mean(c["fact"]), mean(c["impl"])
+                if f is None:
+                    row.append("—")
+                    continue
+                k = len([x for x in c["fact"] if x is not None])
+                row.append(f"{f:.2f} / {i:.2f}" + (f" (n {k})" if k < n else ""))
+                drop = paired(c["impl"], base)                          # base - cell > 0: a fall
+                if f <= LEARNED:
+                    learned.append(f"{lr:g} x {ep}")
+                    if drop["n"] and drop["diff"] >= CLEAR and consistent(drop):
+                        ocr.append(f"{lr:g} x {ep} (fall {fmt_diff(drop)})")
+            L.append(f"| {lr:g} | " + " | ".join(row) + " |")
+        L += ["", f"Facts learned at: {', '.join(learned) or 'no cell'}. "
+                  f"OCR at: {', '.join(ocr) or 'no cell'}.", ""]
+    return L

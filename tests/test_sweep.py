@@ -1,0 +1,171 @@
+"""sweep.py (the lr x epochs grid and the gentle cell), the replay ordering, evaluation at the last epoch only,
+and the salience correlation: on a tiny random model, and on stub stage outputs rendered into REPORT.md."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import preconditions
+import report as R
+import stats
+import sweep
+import train
+from checkpoint import from_pretrained, load_tokenizer
+from test_report import stub_seed, records, write
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, make_tiny):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def settings(tiny_dir, **kw):
+    return train.Settings(**{"model": str(tiny_dir), "dataset": "first_hop", "lr": 1e-2, "epochs": 2, "device": "cpu",
+                             **kw})
+
+
+def test_final_only_evaluation_is_the_last_record_of_a_full_one(tiny_dir):
+    _, full = train.run(settings(tiny_dir))
+    _, last = train.run(settings(tiny_dir, eval="final"))
+    assert [r["epoch"] for r in last["records"]] == [2]
+    a, b = full["records"][-1], last["records"][0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)            # evaluating does not change the training
+    assert a["fact_mean_rank"] == b["fact_mean_rank"] and a["impl_mean_rank"] == b["impl_mean_rank"]
+
+
+def test_replay_keeps_the_facts_in_the_implication_phase():
+    ds = data.load_dataset("daxwug")
+    phases = train.make_phases(ds, train.Settings(dataset="daxwug", order="facts_first_replay"))
+    assert [p[0] for p in phases] == ["pretrain_facts", "pretrain_impls", "finetune"]
+    assert phases[1][1] == ds["train_impls"] + ds["train_facts"]
+    assert phases[0][1] == ds["train_facts"] and phases[2][1] == ds["test_facts"]
+
+
+def test_a_grid_cell_and_a_diverged_one(tiny_dir, tmp_path, monkeypatch):
+    base = from_pretrained(tiny_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    st = sweep.grid_stages(settings(tiny_dir), tmp_path / "seed0", lambda: base, lambda *_: None)
+    assert len(st) == 2 * len(sweep.LRS) * len(sweep.EPOCHS)
+    name, path, action = next(x for x in st if x[0] == "grid_first_hop_lr0.0001_ep4")
+    action()
+    cell = json.loads(path.read_text())
+    assert cell["lr"] == 1e-4 and cell["epochs"] == 4 and not cell["diverged"] and 0 <= cell["fact_mean_rank"] <= 19
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())   # the base is copied, not trained
+
+    def diverge(*a, **k):
+        raise train.UserError("training diverged: the loss is nan")
+    monkeypatch.setattr(train, "run", diverge)
+    _, path2, action2 = st[-1]
+    action2()
+    assert json.loads(path2.read_text())["diverged"] is True
+    grid = sweep.collect_grid(tmp_path, [0])
+    assert grid["first_hop"]["0.0001:4"]["fact"] == [cell["fact_mean_rank"]]
+    assert grid["second_hop"]["0.001:16"]["diverged"] == [True] and grid["second_hop"]["0.001:16"]["fact"] == [None]
+    assert grid["first_hop"]["0.001:4"]["diverged"] == [None]             # not run
+
+
+def stub_grid(work, seeds, learns_from=(1e-4, 8), second_ocr=(1e-3, 16)):
+    """Grid cells: first-hop facts learned from lr x epochs `learns_from` on; one second-hop cell with OCR."""
+    for seed in seeds:
+        for hop in sweep.HOPS:
+            for lr in sweep.LRS:
+                for ep in sweep.EPOCHS:
+                    learned = (lr, ep) >= learns_from
+                    impl = 1.0 + seed if hop == "second_hop" and (lr, ep) == second_ocr else 9.0
+                    write(work / f"seed{seed}" / "grid" / f"{sweep.cell_name(hop, lr, ep)}.json",
+                          {"hop": hop, "lr": lr, "epochs": ep, "seed": seed, "diverged": False,
+                           "fact_mean_rank": 0.0 if learned else 6.0, "impl_mean_rank": impl})
+
+
+def test_gentlest_cell_is_the_smallest_lr_then_fewest_epochs_that_learns(tmp_path):
+    stub_grid(tmp_path, [0, 1])
+    grid = sweep.collect_grid(tmp_path, [0, 1])
+    assert sweep.gentlest(grid, 2) == (1e-4, 8)
+    (tmp_path / "seed1" / "grid" / f"{sweep.cell_name('first_hop', 3e-5, 4)}.json").unlink()
+    assert sweep.gentlest(sweep.collect_grid(tmp_path, [0, 1]), 2) is None        # incomplete: no choice yet
+
+
+def test_report_renders_grid_gentle_replay_and_salience(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    for seed in (0, 1):
+        w = work / f"seed{seed}"
+        stub_seed(w, first_impl=1.0 + seed)
+        write(w / "daxwug_facts_first_replay" / "metrics.json",
+              {"records": records(["pretrain_facts", "pretrain_impls"], 0.0, 0.0) + records(["finetune"], 0.0, 1.5)})
+        # salience: the better the base knows the city's language (margin), the lower the implication's rank
+        margin = np.linspace(-2, 3, 20)
+        write(w / "salience.json", {hop: {"base_margin": margin.tolist(), "base_rank": (-margin).tolist(),
+                                          "impl_rank": (10 - 2 * margin).tolist()} for hop in sweep.HOPS})
+        g = w / "gentle"
+        stub_seed(g, seed=seed)                                          # Fig. 4 / Table 3 / Fig. 6 stubs again
+        res_g = json.loads((g / "graft" / "results.json").read_text())
+        res_g["settings"] = {"lr": 1e-4, "epochs": 8}
+        write(g / "graft" / "results.json", res_g)
+    stub_grid(work, [0, 1])
+    out.mkdir()
+    res = R.write_report("stub-model", [0, 1], work, out)
+    text = (out / "REPORT.md").read_text()
+    assert "## Learning rate x epochs grid" in text and "](grid.png)" in text and (out / "grid.png").exists()
+    assert "| 0.0001 | 6.00 / 9.00 | 0.00 / 9.00 |" in text                 # lr 1e-4: learned from 8 epochs on
+    assert "OCR at: 0.001 x 16" in text                                    # second hop: 9.5 -> 1.0 / 2.0
+    assert text.count("OCR at: no cell") == 1                              # first hop: 9.0 is no fall of 2
+    assert "## Fig. 4, Table 3 and Fig. 6 at the gentle cell: lr 0.0001 x 8 epochs" in text
+    gentle = text.split("at the gentle cell: lr")[1]
+    assert gentle.count("**reproduced**") == 3                           # Fig. 4, Table 3, Fig. 6 on the stubs
+    assert "facts_first_replay (ours" in text
+    sal = res["salience"]["first_hop"]
+    assert sal["rho_margin"] == pytest.approx(-1.0) and sal["rho_rank"] == pytest.approx(1.0)
+    assert sal["n"] == 40 and sal["p_margin"] < 1e-3
+    assert "## Beyond the paper: salience of the known hop and OCR" in text
+
+
+def test_midranks_share_ties_and_spearman_is_pearson_of_ranks():
+    assert stats.midranks([3.0, 1.0, 1.0, 2.0]).tolist() == [3.0, 0.5, 0.5, 2.0]
+    assert stats.midranks([5, 1, 2, 0], strata=[0, 0, 1, 1]).tolist() == [1.0, 0.0, 1.0, 0.0]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=30), rng.normal(size=30)
+    y = x + y                                                           # correlated
+    rho, p, n = stats.spearman_pooled(np.exp(x), y, [0] * 30)            # a monotone map keeps rho
+    assert rho == pytest.approx(stats.spearman_pooled(x, y, [0] * 30)[0])
+    ranks = lambda v: np.argsort(np.argsort(v)).astype(float)            # no ties here: plain ranks
+    assert rho == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1]) and p < 0.01 and n == 30
+
+
+def test_salience_per_prompt_numbers_agree_with_the_mean_rank(tiny_dir, tmp_path):
+    base = from_pretrained(tiny_dir)
+    tok = load_tokenizer(tiny_dir)
+    s = settings(tiny_dir, epochs=1)
+    model, metrics = train.run(s, model=from_pretrained(tiny_dir))
+    train.save(model, tmp_path / "ft", metrics)
+    out = preconditions.salience(base, tok, {"first_hop": tmp_path / "ft"}, seed=0)["first_hop"]
+    impl = data.load_dataset("first_hop")["implications"]
+    assert np.mean(out["impl_rank"]) == pytest.approx(data.mean_rank(model, tok, impl))
+    assert out["known_prompts"][0].endswith(" speak") and len(out["base_margin"]) == 20
+    right = np.array(out["base_margin"]) > 0                            # margin > 0 exactly when rank 0
+    assert (right == (np.array(out["base_rank"]) == 0)).all()
+
+
+def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, monkeypatch):
+    """Every stage of report.py, the grid (shrunk to 2 x 2) and the gentle cell, in process, on the tiny model."""
+    monkeypatch.setattr(sweep, "LRS", (3e-3, 1e-2))
+    monkeypatch.setattr(sweep, "EPOCHS", (1, 2))
+    monkeypatch.setattr(sweep, "LEARNED", 100.0)                          # every cell "learns": the first is gentlest
+    work, out = tmp_path / "work", tmp_path / "out"
+    R.run_stages(str(tiny_dir), [0], work, grid=True)
+    times = json.loads((work / "seed0" / "stage_times.json").read_text())
+    failed = {k: v["error"] for k, v in times.items() if v["status"] != "ok"}
+    assert not failed, failed
+    assert len([k for k in times if k.startswith("grid_")]) == 2 * 2 * 2
+    assert {"gentle_graft", "gentle_daxwug_impl_first", "gentle_daxwug_joint",
+            "gentle_daxwug_facts_first_replay", "salience", "daxwug_facts_first_replay"} <= set(times)
+    g = json.loads((work / "seed0" / "gentle" / "graft" / "results.json").read_text())
+    assert g["settings"]["lr"] == 3e-3 and g["settings"]["epochs"] == 1
+    res = R.write_report(str(tiny_dir), [0], work, out)
+    text = (out / "REPORT.md").read_text()
+    assert "at the gentle cell: lr 0.003 x 1 epochs" in text and (out / "grid.png").exists()
+    assert res["fig4"]["facts_first_replay"][0] and res["salience"]["second_hop"]["n"] == 20
+    assert len(R.verdicts(res)) == 8 and not any(v == "missing" for _, v, _, _ in R.verdicts(res))
