@@ -5,7 +5,8 @@ Layout under --work/seed{s}: first_hop/ and second_hop/metrics.json (train.py), 
 (scores.py), freeze_post_{hop}.json, {hop}_{early,late}_pre/metrics.json, graft/results.json (graft.py
 --experiment), daxwug_{impl_first,joint,facts_first_replay}/metrics.json, preconditions.json (the base model's
 knowledge, preconditions.base_knowledge), salience.json (preconditions.salience), stage_times.json; with --grid,
-grid/ (sweep.py) and gentle/ (graft/ and the daxwug orderings again, at the grid's gentlest cell).
+grid/ (sweep.py) and gentle_lr{lr}_ep{epochs}/ (graft/ and the daxwug orderings again, at the grid's gentlest
+cell).
 """
 import json
 from pathlib import Path
@@ -171,6 +172,7 @@ def collect(model, seeds, work):
     res.update(og)
     res["salience"] = salience_pooled(salience)
     res["grid"] = sweep.collect_grid(work, seeds)
-    gentle = orders_and_graft([work / f"seed{s}" / "gentle" for s in seeds])
-    res["gentle"] = gentle if gentle["settings"] is not None else None
+    cell = sweep.gentlest(res["grid"], n)
+    gentle = orders_and_graft([sweep.gentle_dir(work / f"seed{s}", cell) for s in seeds]) if cell else None
+    res["gentle"] = gentle if gentle and gentle["settings"] is not None else None
     return res

@@ -110,7 +110,7 @@ def stages(model, seed, w, base, device):
 def gentle_stages(model, s: train.Settings, w, base, device, cell):
     """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the gentle cell (lr, epochs)."""
     lr, ep = cell
-    g = w / "gentle"
+    g = sweep.gentle_dir(w, cell)
     s = dataclasses.replace(s, lr=lr, epochs=ep)
     fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
     return [("gentle_graft", g / "graft" / "results.json",

@@ -12,8 +12,9 @@ The gentle cell: at lr 3e-4 x 8 epochs (the default), training W_F on Impl F mak
 W_graft carries unlearning of F. The authors' own rates are 10-100x lower. We take the first-hop cell that
 learns the facts (seed mean <= claims.LEARNED) with the smallest lr, then the fewest epochs: the least update
 that still stores the facts, so the least to forget. graft.experiment and the Fig. 4 orderings (with the
-facts-first ordering that replays the facts, train.make_phases) run again there, under --work/seed{s}/gentle/
-(report.gentle_stages).
+facts-first ordering that replays the facts, train.make_phases) run again there, under
+--work/seed{s}/gentle_lr{lr}_ep{epochs}/ (report.gentle_stages; named by the cell, so a grid that chooses another
+cell never mixes with an earlier one).
 """
 import copy
 import dataclasses
@@ -86,6 +87,10 @@ def collect_grid(work, seeds):
 def complete(grid, hop, n_seeds):
     return grid is not None and all(len([x for x in c["diverged"] if x is not None]) == n_seeds
                                     for c in grid[hop].values())
+
+
+def gentle_dir(w, cell):
+    return w / f"gentle_lr{cell[0]:g}_ep{cell[1]}"
 
 
 def gentlest(grid, n_seeds):

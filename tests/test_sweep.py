@@ -100,7 +100,7 @@ def test_report_renders_grid_gentle_replay_and_salience(tmp_path):
         margin = np.linspace(-2, 3, 20)
         write(w / "salience.json", {hop: {"base_margin": margin.tolist(), "base_rank": (-margin).tolist(),
                                           "impl_rank": (10 - 2 * margin).tolist()} for hop in sweep.HOPS})
-        g = w / "gentle"
+        g = sweep.gentle_dir(w, (1e-4, 8))
         stub_seed(g, seed=seed)                                          # Fig. 4 / Table 3 / Fig. 6 stubs again
         res_g = json.loads((g / "graft" / "results.json").read_text())
         res_g["settings"] = {"lr": 1e-4, "epochs": 8}
@@ -162,7 +162,7 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     assert len([k for k in times if k.startswith("grid_")]) == 2 * 2 * 2
     assert {"gentle_graft", "gentle_daxwug_impl_first", "gentle_daxwug_joint",
             "gentle_daxwug_facts_first_replay", "salience", "daxwug_facts_first_replay"} <= set(times)
-    g = json.loads((work / "seed0" / "gentle" / "graft" / "results.json").read_text())
+    g = json.loads((sweep.gentle_dir(work / "seed0", (3e-3, 1)) / "graft" / "results.json").read_text())
     assert g["settings"]["lr"] == 3e-3 and g["settings"]["epochs"] == 1
     res = R.write_report(str(tiny_dir), [0], work, out)
     text = (out / "REPORT.md").read_text()
