@@ -105,24 +105,52 @@ def open_shard(f):
         raise UserError(f"cannot read {f}: {e} (truncated or corrupt file? re-download it)") from None
 
 
+# --- multimodal Gemma 3 (4B and larger): the text model beside a vision tower ---------------------------------
+
+# Gemma3ForConditionalGeneration keeps its text model under a prefix, beside a SigLIP vision tower and a projector
+# that we neither load nor write. Its two layouts (transformers' conversion_mapping.py, "llava"): the saved one, of
+# Google's checkpoints and of save_pretrained (transformers 5.24 too), and the in-memory one of transformers >= 4.52,
+# which a state dict saved directly holds (its head, if untied, is the top-level lm_head.weight)
+TEXT_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",   # saved
+                 "model.language_model.": "model."}                                          # in memory
+NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def multimodal(path) -> bool:
+    """A multimodal Gemma 3 checkpoint: config.json's model_type "gemma3", the text model in its text_config."""
+    return read_json(Path(path) / "config.json", "config.json").get("model_type") == "gemma3"
+
+
+def text_keys(sf, multimodal: bool):
+    """(stored key, our name) for each weight of the text model in the open shard `sf`: the one place the
+    multimodal names are mapped (weights(), train.reset_layers, graft.py). Another name of a multimodal checkpoint
+    (neither vision nor prefixed: lm_head.weight, or a stray weight) passes unchanged, to be checked as any other."""
+    for key in sf.keys():
+        if multimodal and key.startswith(NOT_TEXT):
+            continue
+        old = next((p for p in TEXT_PREFIXES if multimodal and key.startswith(p)), None)
+        yield key, TEXT_PREFIXES[old] + key[len(old):] if old else key
+
+
 def weights(path: Path, cfg: Config, expected):
     """(name, tensor) for every weight of the checkpoint at `path`, each checked against `expected` (name ->
     tensor of the right shape, e.g. a meta model's state_dict): the one reader of from_pretrained and of dist.py's
-    sharded loading."""
+    sharded loading. A multimodal checkpoint gives its text model's weights, under our names."""
+    mm = multimodal(path)
     for f in safetensors_files(path):
         try:
             with open_shard(f) as sf:
-                for key in sf.keys():
-                    if key not in expected:
+                for key, name in text_keys(sf, mm):
+                    if name not in expected:
                         # tied checkpoints may still carry lm_head.weight; rotary caches are derived
-                        if key == "lm_head.weight" and cfg.tie_embeddings or "rotary_emb" in key:
+                        if name == "lm_head.weight" and cfg.tie_embeddings or "rotary_emb" in name:
                             continue
                         raise UserError(f"{f.name}: unexpected weight {key!r} for a {cfg.model_type} model")
                     t = sf.get_tensor(key)
-                    if t.shape != expected[key].shape:
+                    if t.shape != expected[name].shape:
                         raise UserError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
-                                        f"config.json implies {tuple(expected[key].shape)}")
-                    yield key, t
+                                        f"config.json implies {tuple(expected[name].shape)}")
+                    yield name, t
         except UserError:
             raise
         except Exception as e:
@@ -189,12 +217,26 @@ def check_same_base(paths):
 
 # --- saving a checkpoint ------------------------------------------------------------------------------------
 
+# the line a copied NOTICE gains: the Gemma terms ask that modified files carry a notice that they were modified
+MODIFIED = "Modified: the weights in this directory were finetuned or grafted by Extractive structures, compactly, from"
+
+
 def copy_side_files(src, directory):
-    """Copy the SIDE_FILES that checkpoint directory `src` has into `directory`."""
+    """Copy the SIDE_FILES that checkpoint directory `src` has into `directory`, which receives weights modified
+    from `src`'s: its NOTICE says so (once: a finetune of a finetune keeps the first line, which names the base),
+    and a multimodal base's config.json becomes its text model's, as the text weights we write need."""
     src, directory = Path(src), Path(directory)
     for name in SIDE_FILES:
         if (src / name).exists():
             shutil.copy(src / name, directory / name)
+    if multimodal(src):
+        cfg = read_json(src / "config.json", "config.json")
+        text = {**cfg.get("text_config", {}), "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+                "tie_word_embeddings": load_config(src).tie_embeddings}     # multimodal: the top-level flag ties
+        (directory / "config.json").write_text(json.dumps(text, indent=2) + "\n")
+    notice = directory / "NOTICE"
+    if notice.exists() and MODIFIED not in notice.read_text():
+        notice.write_text(f"{notice.read_text().rstrip()}\n\n{MODIFIED} {src}.\n")
 
 
 def write_checkpoint(model: Transformer, directory, state=None, shard_bytes=5 * 10**9):

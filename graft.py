@@ -31,7 +31,7 @@ import data
 import scores
 import train
 from checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_files, from_pretrained,
-                        load_tokenizer, open_shard, read_json, resolve, safetensors_files)
+                        load_tokenizer, multimodal, open_shard, read_json, resolve, safetensors_files, text_keys)
 from outputs import atomic_dir, check_output, save_figure, work_dir, write_json
 from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
 from stats import fig6_stats
@@ -40,12 +40,13 @@ from stats import fig6_stats
 # --- weight arithmetic ------------------------------------------------------------------------------------
 
 def _open_all(stack, path):
-    """{weight name: open safetensors handle} over all shards of a checkpoint."""
-    where = {}
+    """{shard file: {weight name: (open safetensors handle, stored key)}} over all shards of a checkpoint; a
+    multimodal Gemma 3's text weights only, under our names (checkpoint.text_keys)."""
+    mm, shards = multimodal(path), {}
     for f in safetensors_files(path):
         h = stack.enter_context(open_shard(f))
-        where.update({k: h for k in h.keys()})
-    return where
+        shards[f] = {name: (h, key) for key, name in text_keys(h, mm)}
+    return shards
 
 
 def graft(base, add, sub, out, overwrite=False, log=print):
@@ -56,21 +57,22 @@ def graft(base, add, sub, out, overwrite=False, log=print):
     check_same_base(paths)
     with atomic_dir(out, "checkpoint", overwrite, inputs=paths, log=log) as tmp:
         with ExitStack() as stack:
-            where = [_open_all(stack, p) for p in paths]
+            shards = [_open_all(stack, p) for p in paths]
+            where = [{k: hk for held in sh.values() for k, hk in held.items()} for sh in shards]   # name -> (h, key)
             names = [set(w) for w in where]
             for p, n in zip(paths[1:], names[1:]):
                 if n != names[0]:
                     odd = sorted(n ^ names[0])[:3]
                     raise ValueError(f"{p} and {paths[0]} hold different weights (e.g. {odd}): graft only "
                                      "checkpoints finetuned from one base model")
-            total = 0
-            for shard in safetensors_files(paths[0]):
-                with open_shard(shard) as sf:
-                    keys = list(sf.keys())
+            total, weight_map = 0, {}
+            for shard, held in shards[0].items():
+                if not held:                                      # a multimodal base's shard of vision weights
+                    continue
                 state = {}
-                for k in keys:
+                for k in held:
                     try:
-                        a, b, c = (w[k].get_tensor(k) for w in where)
+                        a, b, c = (h.get_tensor(key) for h, key in (w[k] for w in where))
                     except Exception as e:                        # a truncated or corrupt shard
                         raise UserError(f"cannot read weight {k}: {e} (truncated or corrupt checkpoint?)") from None
                     if not (a.shape == b.shape == c.shape):
@@ -79,10 +81,11 @@ def graft(base, add, sub, out, overwrite=False, log=print):
                     state[k] = a.float() + (b.float() - c.float()) if a.is_floating_point() else a
                     total += state[k].numel() * state[k].element_size()
                 save_file(state, str(tmp / shard.name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(state, shard.name))
         index = paths[0] / "model.safetensors.index.json"
-        if index.exists():                                        # same shard layout, new (fp32) size
+        if index.exists():                                        # same shard layout, new (fp32) size and names
             idx = read_json(index, "shard index")
-            idx["metadata"] = {**idx.get("metadata", {}), "total_size": total}
+            idx.update(metadata={**idx.get("metadata", {}), "total_size": total}, weight_map=weight_map)
             (tmp / index.name).write_text(json.dumps(idx, indent=1))
         copy_side_files(paths[0], tmp)                            # config and tokenizer: the base's
         (tmp / "graft.json").write_text(json.dumps({"formula": "base + (add - sub), tensor by tensor in fp32",

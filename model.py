@@ -67,9 +67,9 @@ class Config:
     @staticmethod
     def from_json(cfg: dict) -> "Config":
         mt = cfg.get("model_type")
-        if mt == "gemma3":                                        # Gemma 3 4B+: the text model is one part
-            cfg = {**cfg.get("text_config", {}), "model_type": "gemma3_text"}
-            mt = "gemma3_text"
+        if mt == "gemma3":    # Gemma 3 4B+: the text model is one part; the top-level flag ties its head (transformers)
+            cfg = {**cfg.get("text_config", {}), "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+            mt = cfg["model_type"] = "gemma3_text"
         supported = ("llama", "mistral", "olmo", "olmo2", "gemma2", "gemma3_text", "qwen2")
         if mt not in supported:
             raise ValueError(f"unsupported model_type {mt!r}: supported are {', '.join(supported)}, gemma3")

@@ -23,8 +23,8 @@ import data
 import dist
 import speedups
 from optim import AdamInBackward, local as optim_local
-from checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer, open_shard,
-                        resolve, safetensors_files, write_checkpoint)
+from checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer, multimodal,
+                        open_shard, resolve, safetensors_files, text_keys, write_checkpoint)
 from outputs import atomic_dir, check_output, write_json
 
 EARLY_FRACTION = 0.75      # Table 2: "early" = the first 75% of the layers, rounded half up (30 -> 23, 32 -> 24)
@@ -68,14 +68,14 @@ def reset_layers(model, layers):
     read tensor by tensor from its safetensors so that no second model is held in memory."""
     prefixes = tuple(f"model.layers.{i}." for i in layers)
     params = dict(model.named_parameters())
-    done = set()
+    done, mm = set(), multimodal(model.source)
     with torch.no_grad():
         for f in safetensors_files(Path(model.source)):
             with open_shard(f) as sf:
-                for key in sf.keys():
-                    if key.startswith(prefixes):
-                        dist.assign(params[key], sf.get_tensor(key))   # into this rank's shard under FSDP2
-                        done.add(key)
+                for key, name in text_keys(sf, mm):                  # a multimodal base's names are mapped
+                    if name.startswith(prefixes):
+                        dist.assign(params[name], sf.get_tensor(key))  # into this rank's shard under FSDP2
+                        done.add(name)
     missing = {n for n in params if n.startswith(prefixes)} - done
     if missing:
         raise UserError(f"{model.source}: base weights not found for {sorted(missing)[:3]}")
