@@ -171,7 +171,8 @@ def run(ckpt_a, ckpt_b, out, n_prompts=4, ablation=0.05, dataset=None, seed=None
     model_a, model_b, tok = scores.load_pair(ckpt_a, ckpt_b, device, log)
     b = scores.make_prompts(tok, examples, next(model_a.parameters()).device)
     rows = list(range(min(n_prompts, b.ids.shape[0])))
-    lin = {k: v.cpu() for k, v in scores.linearized(model_a, model_b, b).items()}
+    log(f"linearized scores (scores.py) on all {b.ids.shape[0]} prompts, for the comparison")
+    lin = {k: v.cpu() for k, v in scores.linearized(model_a, model_b, b, log).items()}
     cfg = model_a.config
     log(f"exact scores (eqs. 1-3) on {len(rows)} prompts, full ablation")
     full, lines = compare(exact(model_a, model_b, b, rows, 1.0, log), {k: v[rows] for k, v in lin.items()},
