@@ -141,7 +141,8 @@ def collect(model, seeds, work):
     salience = [None] * n
     for i, seed in enumerate(seeds):
         w = work / f"seed{seed}"
-        res["stage_times"][str(seed)] = read_json(w / "stage_times.json") or {}
+        res["stage_times"][str(seed)] = {**(read_json(w / "stage_times.json") or {}),
+                                         **(read_json(w / "grid" / "stage_times.json") or {})}
         res["preconditions"][i] = read_json(w / "preconditions.json")
         salience[i] = read_json(w / "salience.json")
         for hop in HOPS:

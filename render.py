@@ -163,6 +163,15 @@ def times_section(res):
          "|---|---|---|---|---|"]
     total, failed = 0.0, []
     for seed, times in res["stage_times"].items():
+        grid = {k: t for k, t in times.items() if k.startswith("grid_")}
+        times = {k: t for k, t in times.items() if k not in grid}
+        if grid:                                                   # the grid's cells: one row a seed
+            ok = [t for t in grid.values() if t.get("status") == "ok"]
+            times[f"grid ({len(ok)} of {len(grid)} cells ok)"] = {
+                "status": "ok" if len(ok) == len(grid) else "failed",
+                "seconds": round(sum(t.get("seconds") or 0 for t in ok), 1),
+                "load_at_start": max((t.get("load_at_start") or 0 for t in ok), default=None),
+                "error": next((t["error"] for t in grid.values() if t.get("error")), None)}
         for name, t in times.items():
             total += t.get("seconds") or 0
             err = f" ({t['error']})" if t.get("error") else ""

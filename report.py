@@ -122,8 +122,9 @@ def gentle_stages(model, s: train.Settings, w, base, device, cell):
              fine(g / "daxwug_facts_first_replay", dataset="daxwug", order="facts_first_replay"))]
 
 
-def run_stages(model, seeds, work, device="cpu", grid=False):
-    """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json."""
+def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
+    """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json (the grid's
+    to seed{s}/grid/stage_times.json, so that `--grid-only` in a second process never writes the same file)."""
     loaded = []
 
     def base():                                                   # loaded once, copied by each training stage
@@ -134,9 +135,11 @@ def run_stages(model, seeds, work, device="cpu", grid=False):
     settings = lambda seed: train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
     for seed in seeds:
         w = work_dir(work / f"seed{seed}", "report-work")
-        todo = stages(model, seed, w, base, device)
-        run_list(seed, w, todo + (sweep.grid_stages(settings(seed), w, base, log) if grid else []))
-    if grid:
+        if not grid_only:
+            run_list(seed, w, stages(model, seed, w, base, device))
+        if grid or grid_only:
+            run_list(seed, w / "grid", sweep.grid_stages(settings(seed), w, base, log))
+    if grid and not grid_only:
         cell = sweep.gentlest(sweep.collect_grid(work, seeds), len(seeds))
         if cell is None:
             log("grid: incomplete, or no first-hop cell learns the facts: no gentle cell, its stages are skipped")
@@ -148,7 +151,8 @@ def run_stages(model, seeds, work, device="cpu", grid=False):
 
 
 def run_list(seed, w, todo):
-    """Run each (name, done marker, action) of `todo` whose marker does not exist yet, timing it."""
+    """Run each (name, done marker, action) of `todo` whose marker does not exist yet, timing it in
+    w/stage_times.json."""
     times_file = w / "stage_times.json"
     times = read_json(times_file) or {}
     for i, (name, done, action) in enumerate(todo, 1):
@@ -194,7 +198,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a report of ours")
     p.add_argument("--render-only", action="store_true", help="only rebuild REPORT.md from finished stages")
     p.add_argument("--grid", action="store_true", help="also the lr x epochs grid, and Fig. 4 / Table 3 / Fig. 6 at "
-                   "its gentlest cell (sweep.py; about 25 min a seed on 2 CPU cores)")
+                   "its gentlest cell (sweep.py)")
+    p.add_argument("--grid-only", action="store_true", help="run only the grid's cells and write no report (e.g. in "
+                   "a second process beside `report.py`; a later `report.py --grid` reuses them)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
     p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
     args = p.parse_args(argv)
@@ -206,9 +212,12 @@ def main(argv=None):
 
     def work_():
         t0 = time.time()
-        check_output(out, "report", args.overwrite, log=log)       # before hours of stages, not after
+        if not args.grid_only:
+            check_output(out, "report", args.overwrite, log=log)   # before hours of stages, not after
         if not args.render_only:
-            run_stages(args.model, seeds, work, args.device, args.grid)
+            run_stages(args.model, seeds, work, args.device, args.grid, args.grid_only)
+        if args.grid_only:
+            return log(f"grid cells done in {time.time() - t0:.0f} s; `report.py --grid` writes the report")
         res = write_report(args.model, seeds, work, out, args.overwrite)
         for claim, v, _, ev in verdicts(res):
             log(f"{v:>10}  {claim}  [{ev}]")

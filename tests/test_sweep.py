@@ -156,7 +156,8 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     monkeypatch.setattr(sweep, "LEARNED", 100.0)                          # every cell "learns": the first is gentlest
     work, out = tmp_path / "work", tmp_path / "out"
     R.run_stages(str(tiny_dir), [0], work, grid=True)
-    times = json.loads((work / "seed0" / "stage_times.json").read_text())
+    times = {**json.loads((work / "seed0" / "stage_times.json").read_text()),
+             **json.loads((work / "seed0" / "grid" / "stage_times.json").read_text())}
     failed = {k: v["error"] for k, v in times.items() if v["status"] != "ok"}
     assert not failed, failed
     assert len([k for k in times if k.startswith("grid_")]) == 2 * 2 * 2
@@ -167,5 +168,6 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     res = R.write_report(str(tiny_dir), [0], work, out)
     text = (out / "REPORT.md").read_text()
     assert "at the gentle cell: lr 0.003 x 1 epochs" in text and (out / "grid.png").exists()
+    assert "| 0 | grid (8 of 8 cells ok) | ok |" in text                 # the stage times: one row for the grid
     assert res["fig4"]["facts_first_replay"][0] and res["salience"]["second_hop"]["n"] == 20
     assert len(R.verdicts(res)) == 8 and not any(v == "missing" for _, v, _, _ in R.verdicts(res))
