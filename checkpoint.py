@@ -27,11 +27,16 @@ SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special
 # --- finding and reading a checkpoint ---------------------------------------------------------------------
 
 def resolve(name_or_path, revision=None) -> Path:
-    """A checkpoint directory: an embedded model's cache, a local directory, or a hub snapshot."""
+    """A checkpoint directory: an embedded model's cache, a local directory, or a hub snapshot (at `revision`: a
+    branch, tag or commit; only a hub id has revisions)."""
     from default_model import EMBEDDED, embedded_checkpoint
+    p = Path(name_or_path)
+    if revision is not None and (str(name_or_path) in EMBEDDED or p.is_dir()):
+        what = "the embedded default, converted from its GGUF" if str(name_or_path) in EMBEDDED else "a local directory"
+        raise UserError(f"--revision {revision} with {name_or_path!r}, {what}: a revision selects a snapshot of a hub "
+                        "id (owner/name); drop --revision, or pass the hub id")
     if str(name_or_path) in EMBEDDED:
         return embedded_checkpoint(str(name_or_path))
-    p = Path(name_or_path)
     if p.is_dir():
         return p
     if p.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:

@@ -47,6 +47,12 @@ def cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def revision_flag(p, what="--model"):
+    """--revision, the same in every script that takes a hub id (checkpoint.resolve)."""
+    p.add_argument("--revision", default=None, help=f"the branch, tag or commit of {what} when it is a hub id (e.g. "
+                   "OLMo's step477000-tokens2000B); an error with a local directory or the embedded default")
+
+
 def parser(doc):
     """An ArgumentParser whose description is the script's docstring and whose --help shows every default."""
     class Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

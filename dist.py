@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node N train.py ...       # N processes (GPUs), the blocks sharded over them
     torchrun --nproc_per_node N scores.py ...      # the prompts shared among them
+    torchrun --nproc_per_node N report.py ...      # every training stage sharded (graft.py --experiment too)
 
 What is sharded: every transformer block is one `fully_shard` unit (its weights, gradients and Adam moments
 split over the N ranks along dim 0; all-gathered for its forward and backward, gradients reduce-scattered);
@@ -9,8 +10,11 @@ the root (`fully_shard(model)`) holds nothing but runs FSDP2's root logic: the t
 and output head are frozen by default and stay whole on every rank (ignored_params). Every rank trains on the
 same batch: the same numbers as one process (the reduce-scatter averages N equal gradients), the gain is memory.
 Launched without torchrun (no WORLD_SIZE in the environment), or with one process, nothing here runs and the
-one-process path is as it was. Only rank 0 prints and writes (is_main).
+one-process path is as it was. Only rank 0 prints (main_log) and writes (on_main); after a write, and after each
+of report.py's stages, the ranks agree on whether it worked (agree), so that a failure on one rank ends, or is
+recorded by, all of them together instead of leaving the others waiting in a collective it never reaches.
 """
+import copy
 import os
 
 import torch
@@ -79,7 +83,18 @@ def setup_training(cfg, device, train_all, model, log):
     if model is not None:
         raise UserError("train.run under torchrun loads the model itself (sharded): pass model=None")
     device = init(device)
-    return device, log if is_main() else (lambda *a, **k: None)
+    return device, main_log(log)
+
+
+def main_log(log):
+    """`log` on rank 0, a no-op on the others: under torchrun one rank speaks for all."""
+    return log if is_main() else (lambda *a, **k: None)
+
+
+def fresh_copy(base):
+    """train.run's `model` for a training stage of report.py or sweep.py: in one process a copy of the base model
+    that `base()` loaded once; under torchrun None, and train.run loads the base sharded, so no rank holds it whole."""
+    return copy.deepcopy(base()) if world_size() == 1 else None
 
 
 def shard(model):
@@ -138,9 +153,43 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def barrier():
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
+# --- agreeing on success -----------------------------------------------------------------------------
+
+def agree(error=None):
+    """Every rank's outcome of one step, told to every rank: None when no rank failed, else the message of the first
+    that did (`error`: this rank's exception, or None). A collective that every rank calls, failed or not, so that
+    no rank goes on alone to the next collective and waits there forever. One process: error's own message."""
+    mine = None if error is None else str(error) or type(error).__name__
+    if world_size() == 1:
+        return mine
+    outcomes = [None] * world_size()
+    torch_dist.all_gather_object(outcomes, mine)                  # nccl: through this rank's GPU (init set it)
+    failed = [(r, m) for r, m in enumerate(outcomes) if m is not None]
+    if not failed:
+        return None
+    r, m = failed[0]
+    return m if r == 0 else f"rank {r}: {m}"
+
+
+def on_main(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0 only (a write, or a check that cleans up beside an output), then agree: every
+    rank waits for it and learns whether it worked. A failure raises on every rank (rank 0's own exception there,
+    a UserError with its message elsewhere), so they all end, or record the failure, together. Returns fn's result
+    on rank 0 and None elsewhere; one process: fn's result."""
+    if world_size() == 1:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:                                    # told to the others first, then raised here
+            error = e
+    failed = agree(error)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise UserError(f"rank 0 failed: {failed}")
+    return result
 
 
 def all_reduce_sum(t):

@@ -12,8 +12,11 @@ re-assigned to other cities: F', Impl F'; 20 test names):
     W_graft      W_F' + (W_F,ImplF - W_F)     should carry the extractive components, not the facts F
     W~_graft     W_F' + (W_ImplF - W)         control: should carry the implications Impl F themselves
 Table 3: mean ranks on Impl F', Impl F and F'. Fig. 6: per component, downstream against informative scores.
-Every stage is a directory under --out that is reused when the experiment runs again. The stages train in this
-process (train.finetune), starting from one loaded base model.
+Every stage is a directory under --out that is reused when the experiment runs again. In one process the stages
+train (train.finetune) copies of one loaded base model. Under torchrun (`torchrun --nproc_per_node N graft.py
+--experiment ...`) each stage loads its model sharded over the ranks (dist.py) and saves it through train.save;
+the weight arithmetic and every write run on rank 0 (dist.on_main), Table 3's ranks on a whole model on every rank
+(the same numbers everywhere), Fig. 6's scores with a share of the prompts per rank (scores.score).
 """
 import copy
 import dataclasses
@@ -28,9 +31,10 @@ from safetensors.torch import save_file
 
 import cli
 import data
+import dist
 import scores
 import train
-from checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_files, from_pretrained,
+from checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_files, from_pretrained, load_config,
                         load_tokenizer, multimodal, open_shard, read_json, resolve, safetensors_files, text_keys)
 from outputs import atomic_dir, check_output, save_figure, work_dir, write_json
 from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
@@ -98,14 +102,18 @@ def graft(base, add, sub, out, overwrite=False, log=print):
 
 def train_stage(start, train_ex, other, out, s, log=print):
     """train.py's recipe (settings `s`) on the example list `train_ex`, starting from `start` (a loaded model, which
-    is copied, or a checkpoint directory), saved as the checkpoint `out`; its records' "fact" rank is `train_ex`,
-    its "impl" rank `other`. A finished stage (its metrics.json) is reused."""
+    is copied, or a checkpoint directory; under torchrun a directory, loaded sharded), saved as the checkpoint `out`
+    (train.save); its records' "fact" rank is `train_ex`, its "impl" rank `other`. A finished stage (its
+    metrics.json) is reused."""
     out = Path(out)
     if (out / "metrics.json").exists():
         log(f"[graft] reuse {out}")
         return read_json(out / "metrics.json")
-    check_output(out, "checkpoint", s.overwrite, log=log)
-    model = copy.deepcopy(start) if isinstance(start, torch.nn.Module) else from_pretrained(start, device=s.device)
+    dist.on_main(check_output, out, "checkpoint", s.overwrite, log=log)
+    if dist.world_size() > 1:
+        model = dist.load_sharded(start, s.device)                  # this rank's shards only
+    else:
+        model = copy.deepcopy(start) if isinstance(start, torch.nn.Module) else from_pretrained(start, device=s.device)
     log(f"[graft] train {out.name} from {model.source} on {len(train_ex)} examples")
     lr = s.lr or train.default_lr(s.model, sum(p.numel() for p in model.parameters()))   # s.model: the base's name
     s = dataclasses.replace(s, model=str(model.source), lr=lr,
@@ -115,7 +123,8 @@ def train_stage(start, train_ex, other, out, s, log=print):
     phases = [("finetune", train_ex, {"facts": train_ex, "implications": other})]
     records, facts = train.finetune(model, load_tokenizer(model.source), phases, s, log)
     metrics = {"args": dataclasses.asdict(s), "base_model": str(model.source), **facts,
-               "torch_threads": torch.get_num_threads(), "wall_time_s": time.time() - t0, "records": records}
+               "torch_threads": torch.get_num_threads(), "world_size": dist.world_size(),
+               "wall_time_s": time.time() - t0, "records": records}
     train.save(model, out, metrics, s.overwrite, log=log)
     del model
     gc.collect()
@@ -157,15 +166,20 @@ def work_settings(model, seed, device, overwrite=False, lr=None, epochs=8):
                           overwrite=overwrite, lr=lr, epochs=epochs)
 
 
-def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=print, base_model=None, lr=None,
-               epochs=8):
-    """Table 3 and Fig. 6 (Sec. 6.2) into the work directory `out`. `base_model`: the base, already loaded; `lr`,
-    `epochs`: every stage's training (default: train.py's)."""
-    out = work_dir(out, "graft-experiment")
+def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=print, load_base=None, lr=None,
+               epochs=8, revision=None):
+    """Table 3 and Fig. 6 (Sec. 6.2) into the work directory `out`. `load_base()`: the base model, loaded (report.py's,
+    loaded once for all its stages; default: loaded here); `lr`, `epochs`: every stage's training (default:
+    train.py's); `revision`: the hub id `model`'s. Under torchrun every rank calls it (module docstring)."""
+    device = dist.init(device)                                    # torchrun: join the process group, if not yet
+    log = dist.main_log(log)
+    base = resolve(model, revision)                               # a wrong model or revision: before any write
+    dist.check_layers(load_config(base).n_layers, "graft.py --experiment")
+    out = Path(out)
+    dist.on_main(work_dir, out, "graft-experiment")
     t0 = time.time()
     d = data.load_dataset("daxwug", seed=seed)
     F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
-    base = resolve(model)
     s = work_settings(model, seed, device, lr=lr, epochs=epochs)
     times = {}
 
@@ -176,8 +190,10 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
         return r
 
     stages = [n for n in ("W_F", "W_Fp", "W_ImplF") if not (out / n / "metrics.json").exists()]
-    start = base_model if base_model is not None else \
-        from_pretrained(base, device=device) if stages else base                   # loaded once for all three
+    # one process: the base loaded once for the three stages that start from it; torchrun: its directory, from
+    # which each stage loads its shards
+    start = base if dist.world_size() > 1 or not stages else \
+        load_base() if load_base is not None else from_pretrained(base, device=device)
     # the four trainings (Sec. 6.2), then the OCR finetune of W_F,ImplF on the test facts (for Fig. 6)
     m_f = timed("W_F", lambda: train_stage(start, F, IF, out / "W_F", s, log))
     m_fi = timed("W_F_ImplF", lambda: train_stage(out / "W_F", IF, F, out / "W_F_ImplF", s, log))
@@ -191,7 +207,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
         if (out / name / "graft.json").exists():
             log(f"[graft] reuse {out / name}")
         else:
-            timed(name, lambda: graft(*args, out / name, log=log))
+            timed(name, lambda: dist.on_main(graft, *args, out / name, log=log))      # the others wait for it
 
     # Table 3: mean ranks of W_F', W_graft, W~_graft (and the base for reference)
     t = time.time()
@@ -222,7 +238,6 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
         fig6[comp] = {"r": r, "p": st["p_perm"], "n": st["n"], "shape": list(dn.shape),
                       "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
         log(f"[graft] Fig. 6 {comp}: r = {r:.3f}, p = {fig6[comp]['p']:.3g} over {dn.numel()} entries")
-    scatter(fig6, seed, out / "fig6.png")
     times["fig6_scores"] = round(time.time() - t, 1)
 
     # Fig. 4's facts-first ordering is this chain (W_F, W_F,ImplF, then the test facts): the same phases, seeds
@@ -230,14 +245,18 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     facts_first = [{**r, "phase": "pretrain_facts"} for r in m_f["records"]] + \
         [{**r, "phase": "pretrain_impls"} for r in swap(m_fi["records"])] + \
         [{**r, "phase": "finetune"} for r in m_ft["records"]]
-    results = {"settings": {"model": str(model), "base_dir": str(base), "seed": seed, "dataset": "daxwug",
-                            "lr": s.lr, "epochs": s.epochs,
+    results = {"settings": {"model": str(model), "revision": revision, "base_dir": str(base), "seed": seed,
+                            "dataset": "daxwug", "lr": s.lr, "epochs": s.epochs, "world_size": dist.world_size(),
                             "fig6_units": "entries: position x layer (MLPs), position x layer x head (heads)",
                             "pearson_p": "permutation test (stats.perm_pearson), two-sided"},
                "table3": ranks, "paper_table3": {k: dict(zip(TABLE3_COLS, v)) for k, v in PAPER_TABLE3.items()},
                "fig6": fig6, "fig4_facts_first": facts_first, "stage_times_s": times,
                "wall_time_s": round(time.time() - t0, 1)}
-    write_json(out / "results.json", results)
+
+    def write():                                                  # rank 0's, under torchrun
+        scatter(fig6, seed, out / "fig6.png")
+        write_json(out / "results.json", results)
+    dist.on_main(write)
     log(f"[graft] wrote {out}/results.json, fig6.png ({results['wall_time_s']:.0f} s)")
     return results
 
@@ -247,7 +266,8 @@ def impl_first(s, w, log=print):
     Impl F, w/graft), then the train facts, then the test facts; the phases, seed and fresh optimizers of
     `train.py --order impl_first`, one training fewer."""
     d = data.load_dataset("daxwug", seed=s.seed)
-    g, out = w / "graft", work_dir(w / "daxwug_impl_first", "report-stage")
+    g, out = w / "graft", w / "daxwug_impl_first"
+    dist.on_main(work_dir, out, "report-stage")
     if not (g / "W_ImplF" / "metrics.json").exists():
         raise RuntimeError(f"{g / 'W_ImplF'} is missing: the graft stage has to run first")
     first = read_json(g / "W_ImplF" / "metrics.json")
@@ -256,9 +276,9 @@ def impl_first(s, w, log=print):
     records = [{**r, "phase": "pretrain_impls"} for r in swap(first["records"])] + \
         [{**r, "phase": "pretrain_facts"} for r in second["records"]] + \
         [{**r, "phase": "finetune"} for r in third["records"]]
-    write_json(out / "metrics.json", {"order": "impl_first", "seed": s.seed, "records": records,
-                                      "built_from": [str(g / "W_ImplF"), str(out / "W_ImplF_F"),
-                                                     str(out / "W_ImplF_F_test")]})
+    dist.on_main(write_json, out / "metrics.json", {"order": "impl_first", "seed": s.seed, "records": records,
+                                                    "built_from": [str(g / "W_ImplF"), str(out / "W_ImplF_F"),
+                                                                   str(out / "W_ImplF_F_test")]})
 
 
 def main(argv=None):
@@ -270,6 +290,10 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not a checkpoint of ours")
     p.add_argument("--experiment", action="store_true", help="run the Table 3 / Fig. 6 experiment on daxwug")
     p.add_argument("--model", default=DEFAULT_NAME, help="--experiment: the base model")
+    cli.revision_flag(p)
+    p.add_argument("--lr", type=cli.positive_float, default=None,
+                   help="--experiment: every stage's peak learning rate (default: train.py's)")
+    p.add_argument("--epochs", type=cli.positive_int, default=8, help="--experiment: epochs of every stage")
     p.add_argument("--seed", type=int, default=0, help="--experiment: dataset pairing and shuffling seed")
     p.add_argument("--out", dest="exp_out", default="runs/graft", help="--experiment: its work directory")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="--experiment: torch device")
@@ -279,11 +303,19 @@ def main(argv=None):
         if a.experiment:
             if a.out or a.base or a.add or a.sub:
                 raise UserError("--experiment takes --model, --seed and --out, not OUT/--base/--add/--sub")
-            return experiment(a.model, a.seed, a.exp_out, a.device)
+            return experiment(a.model, a.seed, a.exp_out, a.device, lr=a.lr, epochs=a.epochs, revision=a.revision)
         if not (a.out and a.base and a.add and a.sub):
             raise UserError("give OUT --base A --add B --sub C (or --experiment)")
+        if a.revision is not None:
+            raise UserError("--revision is --experiment's (of its --model); --base, --add and --sub are directories")
+        if dist.launched() > 1:
+            raise UserError("graft.py OUT --base A --add B --sub C is weight arithmetic for one process: run it "
+                            "without torchrun")
         return graft(a.base, a.add, a.sub, a.out, a.overwrite)
-    return cli.run(work)
+    try:
+        return cli.run(work)
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Every table and figure of the paper for one model, side by side with the paper's OLMo-7B, in REPORT.md.
 
     python report.py [--model smollm2-135m] [--seeds N] [--out results/<model>] [--work runs/report/<model>]
+    torchrun --nproc_per_node N report.py --model owner/name --revision R     # the same, the training sharded
 
 Stages, per seed s, each a directory or file under --work/seed{s}, run in this process from one loaded base model
 (train.run, scores.run, graft.experiment), and skipped when their output already exists (a failed stage is
-recorded and the rest go on):
+recorded and the rest go on). Under torchrun every rank runs every stage: the training stages load their model
+sharded over the ranks (dist.py) instead of copying a loaded base, which is never kept; the evaluations (the
+preconditions, salience, freeze_post, Table 3) run on a whole model on every rank, the same numbers as one
+process; scores.run and Fig. 6 share the prompts out; rank 0 alone logs and writes, and after every stage the
+ranks agree on whether it worked (dist.agree) before the next one:
     first_hop, second_hop          train.run: Fig. 2; Table 2 None (last epoch) and All (epoch 0: the base)
     scores_first_hop, _second_hop  scores.run on those finetunes: Fig. 3
     freeze_post_{hop}.json         Table 2 Early / Late: the plain finetune with its early / late layers reset to
@@ -24,7 +29,6 @@ gentlest cell (sweep.py).
 Then collect.collect() reads those outputs into results.json (every number per seed), claims.py judges each claim
 on the seed means, and render.render() (a pure function of the results) writes REPORT.md.
 """
-import copy
 import dataclasses
 import gc
 import os
@@ -36,12 +40,13 @@ import torch
 
 import cli
 import data
+import dist
 import graft
 import preconditions
 import scores
 import sweep
 import train
-from checkpoint import DEFAULT_NAME, from_pretrained, load_tokenizer, resolve
+from checkpoint import DEFAULT_NAME, from_pretrained, load_config, load_tokenizer, resolve
 from outputs import atomic_dir, check_output, work_dir, write_json
 import claims                                                     # noqa: F401 (report.claims, for tests)
 from claims import HOPS, verdicts                                  # noqa: F401 (report.verdicts, re-exported)
@@ -51,7 +56,8 @@ from render import render
 
 
 def log(msg):
-    print(f"[report {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if dist.is_main():                                            # under torchrun rank 0 speaks for all
+        print(f"[report {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # --- stages ------------------------------------------------------------------------------------------------
@@ -71,13 +77,21 @@ def freeze_post(model, ckpt, hop, seed, out, device):
                       "impl_mean_rank": data.mean_rank(m, tok, ds["implications"])}
         log(f"{hop} reset {which} layers {layers[0]}..{layers[-1]}: fact {res[which]['fact_mean_rank']:.2f} "
             f"impl {res[which]['impl_mean_rank']:.2f}")
-    write_json(out, res)
+    dist.on_main(write_json, out, res)
 
 
 def finetune_stage(base, s: train.Settings):
-    """train.py with settings `s`, in this process, from a copy of the loaded base model (base())."""
-    model, metrics = train.run(s, log=log, model=copy.deepcopy(base()))
+    """train.py with settings `s`, in this process: from a copy of the loaded base model (base()), or under torchrun
+    from the base loaded sharded (dist.fresh_copy)."""
+    model, metrics = train.run(s, log=log, model=dist.fresh_copy(base))
     train.save(model, s.out, metrics, log=log)
+
+
+def of_base(base, out, measure, *args):
+    """measure(base model, its tokenizer, *args) (preconditions.py) into the JSON file `out`: under torchrun on every
+    rank (the same numbers), written by rank 0."""
+    m = base()
+    dist.on_main(write_json, out, measure(m, load_tokenizer(m.source), *args))
 
 
 def stages(model, seed, w, base, device):
@@ -85,8 +99,8 @@ def stages(model, seed, w, base, device):
     once when a stage first needs it."""
     s = train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
     fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
-    out = [("preconditions", w / "preconditions.json", lambda: write_json(
-        w / "preconditions.json", preconditions.base_knowledge(base(), load_tokenizer(base().source), seed)))]
+    out = [("preconditions", w / "preconditions.json",
+            lambda: of_base(base, w / "preconditions.json", preconditions.base_knowledge, seed))]
     for hop in HOPS:
         out.append((hop, w / hop / "metrics.json", fine(w / hop, dataset=hop)))
         out.append((f"scores_{hop}", w / f"scores_{hop}" / "scores.safetensors",
@@ -97,13 +111,13 @@ def stages(model, seed, w, base, device):
             d = w / f"{hop}_{which}_pre"
             out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
     out.append(("graft", w / "graft" / "results.json",
-                lambda: graft.experiment(model, seed, w / "graft", device, log, base_model=base())))
+                lambda: graft.experiment(model, seed, w / "graft", device, log, load_base=base)))
     out.append(("daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json", lambda: graft.impl_first(s, w, log)))
     for order in ("joint", "facts_first_replay"):
         d = w / f"daxwug_{order}"
         out.append((d.name, d / "metrics.json", fine(d, dataset="daxwug", order=order)))
-    out.append(("salience", w / "salience.json", lambda: write_json(w / "salience.json", preconditions.salience(
-        base(), load_tokenizer(base().source), {hop: w / hop for hop in HOPS}, seed, device))))
+    out.append(("salience", w / "salience.json", lambda: of_base(
+        base, w / "salience.json", preconditions.salience, {hop: w / hop for hop in HOPS}, seed, device)))
     return out
 
 
@@ -114,7 +128,7 @@ def gentle_stages(model, s: train.Settings, w, base, device, cell):
     s = dataclasses.replace(s, lr=lr, epochs=ep)
     fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
     return [("gentle_graft", g / "graft" / "results.json",
-             lambda: graft.experiment(model, s.seed, g / "graft", device, log, base_model=base(), lr=lr, epochs=ep)),
+             lambda: graft.experiment(model, s.seed, g / "graft", device, log, load_base=base, lr=lr, epochs=ep)),
             ("gentle_daxwug_impl_first", g / "daxwug_impl_first" / "metrics.json", lambda: graft.impl_first(s, g, log)),
             ("gentle_daxwug_joint", g / "daxwug_joint" / "metrics.json",
              fine(g / "daxwug_joint", dataset="daxwug", order="joint")),
@@ -124,17 +138,26 @@ def gentle_stages(model, s: train.Settings, w, base, device, cell):
 
 def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
     """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json (the grid's
-    to seed{s}/grid/stage_times.json, so that `--grid-only` in a second process never writes the same file)."""
+    to seed{s}/grid/stage_times.json, so that `--grid-only` in a second process never writes the same file).
+    Under torchrun every rank calls it (the module docstring)."""
+    device = dist.init(device)                                    # torchrun: join the process group, if not yet
+    if dist.world_size() > 1:                                     # before any stage: as many ranks as blocks at most
+        dist.check_layers(load_config(resolve(model)).n_layers, "report.py")
     loaded = []
 
-    def base():                                                   # loaded once, copied by each training stage
+    def base():
+        """The base model. One process: loaded once, and each training stage trains a copy of it. Torchrun: loaded
+        for each evaluation stage that asks and freed after it (the training stages load their own shards)."""
+        if dist.world_size() > 1:
+            return from_pretrained(model, device=device)
         if not loaded:
             loaded.append(from_pretrained(model, device=device))
         return loaded[0]
 
     settings = lambda seed: train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
     for seed in seeds:
-        w = work_dir(work / f"seed{seed}", "report-work")
+        w = work / f"seed{seed}"
+        dist.on_main(work_dir, w, "report-work")
         if not grid_only:
             run_list(seed, w, stages(model, seed, w, base, device))
         if grid or grid_only:
@@ -152,7 +175,9 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
 
 def run_list(seed, w, todo):
     """Run each (name, done marker, action) of `todo` whose marker does not exist yet, timing it in
-    w/stage_times.json."""
+    w/stage_times.json. Under torchrun the ranks agree after each stage whether it worked on all of them
+    (dist.agree), so a stage that failed on one rank is recorded as failed and every rank goes on to the next stage
+    together."""
     times_file = w / "stage_times.json"
     times = read_json(times_file) or {}
     for i, (name, done, action) in enumerate(todo, 1):
@@ -161,23 +186,28 @@ def run_list(seed, w, todo):
                 times[name] = {"status": "reused", "seconds": None}
             continue
         log(f"seed {seed} stage {i}/{len(todo)} {name}: running")
-        t0, load = time.time(), os.getloadavg()[0]
+        t0, load, error = time.time(), os.getloadavg()[0], None
         try:
             action()
+        except Exception as e:                 # report it and go on: finished stages stay as they are
+            error = e
+        failed = dist.agree(error)             # torchrun: whether it failed on any rank; one process: error's text
+        if failed is None:
             times[name] = {"status": "ok", "seconds": round(time.time() - t0, 1), "load_at_start": load}
             log(f"seed {seed} {name}: done in {time.time() - t0:.0f} s")
-        except Exception as e:                 # report it and go on: finished stages stay as they are
-            times[name] = {"status": "failed", "seconds": round(time.time() - t0, 1), "error": str(e)[:300]}
-            log(f"seed {seed} {name}: FAILED: {type(e).__name__}: {e}")
+        else:
+            times[name] = {"status": "failed", "seconds": round(time.time() - t0, 1), "error": failed[:300]}
+            log(f"seed {seed} {name}: FAILED: {type(error).__name__ + ': ' if error else ''}{failed}")
         gc.collect()                           # free the stage's models before the next one
-        write_json(times_file, times)
+        dist.on_main(write_json, times_file, times)
     log(f"seed {seed}: {len(todo)} stages, {sum(d.exists() for _, d, _ in todo)} done")
 
 
 # --- the results: collect (collect.py), claims and verdicts (claims.py), REPORT.md (render.py), figures -------
 
-def write_report(model, seeds, work, out, overwrite=False):
+def write_report(model, seeds, work, out, overwrite=False, revision=None):
     res = collect(model, seeds, work)
+    res["revision"] = revision
     res["cpus"] = os.cpu_count()
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     with atomic_dir(out, "report", overwrite, log=log) as tmp:      # REPORT.md, figures, results.json at once
@@ -190,6 +220,7 @@ def write_report(model, seeds, work, out, overwrite=False):
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", default=DEFAULT_NAME, help="base model: the embedded default, a directory or a hub id")
+    cli.revision_flag(p)
     p.add_argument("--seeds", type=cli.positive_int, default=3, help="repeat every stage over seeds 0..N-1 (the "
                    "verdicts are on the seed means, with paired tests across seeds)")
     p.add_argument("--out", default=None, help="where REPORT.md, its figures and results.json go "
@@ -212,17 +243,24 @@ def main(argv=None):
 
     def work_():
         t0 = time.time()
-        if not args.grid_only:
-            check_output(out, "report", args.overwrite, log=log)   # before hours of stages, not after
+        device = dist.init(args.device)                            # torchrun: the process group, first
+        # a hub id at --revision: its snapshot's directory, for every stage
+        model = resolve(args.model, args.revision) if args.revision is not None else args.model
+        if not args.grid_only:                                     # before hours of stages, not after
+            dist.on_main(check_output, out, "report", args.overwrite, log=log)
         if not args.render_only:
-            run_stages(args.model, seeds, work, args.device, args.grid, args.grid_only)
+            run_stages(model, seeds, work, device, args.grid, args.grid_only)
         if args.grid_only:
             return log(f"grid cells done in {time.time() - t0:.0f} s; `report.py --grid` writes the report")
-        res = write_report(args.model, seeds, work, out, args.overwrite)
-        for claim, v, _, ev in verdicts(res):
-            log(f"{v:>10}  {claim}  [{ev}]")
+        res = dist.on_main(write_report, args.model, seeds, work, out, args.overwrite, args.revision)
+        if dist.is_main():
+            for claim, v, _, ev in verdicts(res):
+                log(f"{v:>10}  {claim}  [{ev}]")
         log(f"wrote {out}/REPORT.md in {time.time() - t0:.0f} s")
-    return cli.run(work_)
+    try:
+        return cli.run(work_)
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -342,9 +342,12 @@ def write(out, scores_, tokens, settings, title, overwrite=False, log=print):
 
 
 def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", device="cpu", overwrite=False,
-        log=print):
-    """What `python scores.py` does, as a function (report.py calls it)."""
+        log=print, revision=None):
+    """What `python scores.py` does, as a function (report.py calls it). `revision`: ckpt_a's, a hub id's."""
     t0 = time.time()
+    name_a = ckpt_a
+    if revision is not None:                                      # that snapshot's directory, for every use below
+        ckpt_a = resolve(ckpt_a, revision)
     dataset, seed = dataset_of(ckpt_b, dataset, seed)
     splits = data.load_dataset(dataset, seed=seed)
     if split not in splits:
@@ -352,12 +355,13 @@ def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", devi
     check_output(out, "scores", overwrite, inputs=[resolve(ckpt_a), resolve(ckpt_b)], log=log)  # before the passes
     if dist.launched() > 1:                                       # torchrun: a share of the prompts per rank
         device = dist.init(device)
-        log = log if dist.is_main() else (lambda *a, **k: None)
+        log = dist.main_log(log)
     model_a, model_b, tok = load_pair(ckpt_a, ckpt_b, device, log)
     sc, tokens, b = score(model_a, model_b, tok, splits[split], log)
     if not dist.is_main():
         return sc
-    settings = {"ckpt_a": str(ckpt_a), "ckpt_b": str(ckpt_b), "ckpt_a_dir": str(resolve(ckpt_a)),
+    settings = {"ckpt_a": str(name_a), "revision": revision, "ckpt_b": str(ckpt_b),
+                "ckpt_a_dir": str(resolve(ckpt_a)),
                 "dataset": str(dataset), "seed": seed, "split": split, "n_prompts": b.ids.shape[0],
                 "anchor_prompt": splits[split][b.anchor].prompt, "anchor_tokens": tokens,
                 "reward": "logit(answer first token) - mean over candidates' first tokens",
@@ -374,6 +378,7 @@ def main(argv=None):
     ap = cli.parser(__doc__)
     ap.add_argument("ckpt_a", help="weights W before finetuning: a directory, 'smollm2-135m', or a hub id")
     ap.add_argument("ckpt_b", help="weights W' after finetuning (e.g. runs/first_hop from train.py)")
+    cli.revision_flag(ap, "ckpt_a")
     ap.add_argument("--dataset", help="dataset name or JSON file (default: the one in ckpt_b/metrics.json)")
     ap.add_argument("--seed", type=int, help="dataset seed (default: ckpt_b/metrics.json's, else 0)")
     ap.add_argument("--split", default="implications", help="dataset split to score")
@@ -388,7 +393,7 @@ def main(argv=None):
     out = Path(args.out or Path("runs") / f"{Path(str(args.ckpt_b)).name}.scores")
     try:
         return cli.run(lambda: run(args.ckpt_a, args.ckpt_b, out, args.dataset, args.seed, args.split, args.device,
-                                   args.overwrite))
+                                   args.overwrite, revision=args.revision))
     finally:
         dist.close()
 

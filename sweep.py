@@ -16,9 +16,9 @@ facts-first ordering that replays the facts, train.make_phases) run again there,
 --work/seed{s}/gentle_lr{lr}_ep{epochs}/ (report.gentle_stages; named by the cell, so a grid that chooses another
 cell never mixes with an earlier one).
 """
-import copy
 import dataclasses
 
+import dist
 import train
 from claims import HOPS, LEARNED, CLEAR, consistent, fmt, fmt_diff
 from checkpoint import read_json
@@ -34,20 +34,21 @@ def cell_name(hop, lr, epochs):
 
 
 def run_cell(base, s: train.Settings, path, log):
-    """Train one cell from a copy of the loaded base; write its final ranks (or that it diverged) to `path`."""
+    """Train one cell from a copy of the loaded base (under torchrun: the base loaded sharded); write its final ranks
+    (or that it diverged) to `path`, on rank 0."""
     out = {"hop": s.dataset, "lr": s.lr, "epochs": s.epochs, "seed": s.seed}
     path.parent.mkdir(parents=True, exist_ok=True)                  # inside the report's work directory
     try:
-        _, metrics = train.run(s, log=lambda *_: None, model=copy.deepcopy(base()))
+        _, metrics = train.run(s, log=lambda *_: None, model=dist.fresh_copy(base))
     except train.UserError as e:                                # divergence: a result of the cell, not a failure
         if "diverged" not in str(e):
             raise
-        write_json(path, {**out, "diverged": True, "error": str(e)})
+        dist.on_main(write_json, path, {**out, "diverged": True, "error": str(e)})
         log(f"grid {cell_name(s.dataset, s.lr, s.epochs)} seed {s.seed}: diverged")
         return
     r = metrics["records"][-1]
-    write_json(path, {**out, "diverged": False, "loss": r["loss"], "fact_mean_rank": r["fact_mean_rank"],
-                      "impl_mean_rank": r["impl_mean_rank"], "seconds": round(metrics["wall_time_s"], 1)})
+    dist.on_main(write_json, path, {**out, "diverged": False, "loss": r["loss"], "fact_mean_rank": r["fact_mean_rank"],
+                                    "impl_mean_rank": r["impl_mean_rank"], "seconds": round(metrics["wall_time_s"], 1)})
     log(f"grid {cell_name(s.dataset, s.lr, s.epochs)} seed {s.seed}: fact {r['fact_mean_rank']:.2f} "
         f"impl {r['impl_mean_rank']:.2f}")
 

@@ -121,6 +121,7 @@ class Settings:
     """Everything a finetune needs besides the model and the data; train.py's flags map onto it one to one, and it
     is saved as metrics.json's "args". graft.py and report.py build it directly."""
     model: str = DEFAULT_NAME
+    revision: str | None = None        # a hub id's branch, tag or commit (checkpoint.resolve)
     dataset: str = "first_hop"
     lr: float | None = None            # None: default_lr
     constant_lr: bool = False
@@ -287,7 +288,7 @@ def run(s: Settings, log=print, model=None):
     same batches, and only rank 0 logs; `model` must then be None."""
     t_start = time.time()
     phases = make_phases(data.load_dataset(s.dataset, seed=s.seed), s)    # bad input fails here, early
-    path = resolve(s.model)
+    path = resolve(s.model, s.revision)
     tok = load_tokenizer(path)
     cfg = load_config(path)
     data.check_context(tok, [e for _, ex, ev in phases for e in ex + sum(ev.values(), [])], cfg.max_positions)
@@ -328,19 +329,25 @@ def plot(records, path, title):
     plt.close(fig)
 
 
-def save(model, out, metrics, overwrite=False, inputs=(), log=print, state=None):
-    """Checkpoint + metrics.json (strict JSON) + ranks.png, as one directory that replaces `out` whole.
-    `state`: the full state dict of a sharded model (dist.full_state_dict), written instead of model's."""
-    with atomic_dir(out, "checkpoint", overwrite, inputs, log) as tmp:
-        write_checkpoint(model, tmp, state)
-        write_json(tmp / "metrics.json", metrics)
-        plot(metrics["records"], tmp / "ranks.png", f"{metrics['args']['dataset']}  {metrics['base_model']}")
+def save(model, out, metrics, overwrite=False, inputs=(), log=print):
+    """Checkpoint + metrics.json (strict JSON) + ranks.png, as one directory that replaces `out` whole (train.py's,
+    graft.py's, report.py's). Under torchrun a collective: the full state dict gathered by every rank, written by
+    rank 0, and every rank learns whether that worked (dist.on_main): a failed write ends them all, none waits."""
+    state = dist.full_state_dict(model)                           # torchrun: on rank 0's CPU, {} elsewhere
+
+    def write():
+        with atomic_dir(out, "checkpoint", overwrite, inputs, log) as tmp:
+            write_checkpoint(model, tmp, state)
+            write_json(tmp / "metrics.json", metrics)
+            plot(metrics["records"], tmp / "ranks.png", f"{metrics['args']['dataset']}  {metrics['base_model']}")
+    dist.on_main(write)
     return Path(out)
 
 
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", default=DEFAULT_NAME, help="checkpoint directory, hub id, or the embedded default")
+    cli.revision_flag(p)
     p.add_argument("--dataset", default="first_hop",
                    help="first_hop, second_hop, daxwug, or a .json file {facts: [...], implications: [...]}")
     p.add_argument("--lr", type=cli.positive_float, default=None,
@@ -387,13 +394,7 @@ def main(argv=None):
         inputs = [x for x in (s.dataset, s.model) if Path(x).exists()]   # --out must not replace these
         check_output(s.out, "checkpoint", s.overwrite, inputs)    # before the model loads, not after training
         model, metrics = run(s)
-        if dist.world_size() == 1:
-            save(model, s.out, metrics, s.overwrite, inputs)
-        else:                                                     # torchrun: gathered by all, written by rank 0
-            state = dist.full_state_dict(model)
-            if dist.is_main():
-                save(model, s.out, metrics, s.overwrite, inputs, state=state)
-            dist.barrier()
+        save(model, s.out, metrics, s.overwrite, inputs)
         if dist.is_main():
             print(f"wrote {s.out} ({metrics['wall_time_s']:.1f} s)")
         return metrics
