@@ -24,7 +24,6 @@ import outputs as O
 import model as M
 import train as T
 from kernels.attention import attention_torch, attention_triton
-from test_model import batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,13 +146,13 @@ def text_logits(model, ids, mask):
 
 @pytest.mark.parametrize("layout, tie", [("saved", True), ("saved", False), ("in_memory", True),
                                          ("in_memory", False)])
-def test_multimodal_text_model_matches_transformers(tmp_path, layout, tie):
+def test_multimodal_text_model_matches_transformers(tmp_path, layout, tie, padded_batch):
     """Strict loading of the text weights only (a missing or unexpected one is an error), in both layouts, tied
     or not: our logits against transformers' on a right-padded batch of text."""
     ref = save_multimodal(tmp_path, tie, layout)
     ours = C.from_pretrained(tmp_path)
     assert ours.config.tie_embeddings == tie and ours.config.n_layers == 6
-    ids, mask = batch()
+    ids, mask = padded_batch
     assert (text_logits(ours, ids, mask) - text_logits(ref, ids, mask)).abs().max() < 1e-4
 
 
@@ -170,7 +169,7 @@ def test_multimodal_text_weights_stay_strict(tmp_path):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_checkpoint_written_from_multimodal_is_a_text_checkpoint(tmp_path, tie):
+def test_checkpoint_written_from_multimodal_is_a_text_checkpoint(tmp_path, tie, padded_batch):
     """Written from the loaded text model: the text weights, the text config, the side files; it reloads in our
     code to the same logits and in transformers as a Gemma3ForCausalLM (an untied head only if the config says so)."""
     save_multimodal(tmp_path / "base", tie)
@@ -185,17 +184,17 @@ def test_checkpoint_written_from_multimodal_is_a_text_checkpoint(tmp_path, tie):
     again = C.from_pretrained(out)                                # a text checkpoint: no vision weight may be left
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(theirs).__name__ == "Gemma3ForCausalLM"
-    ids, mask = batch()
+    ids, mask = padded_batch
     got = text_logits(ours, ids, mask)
     assert torch.equal(text_logits(again, ids, mask), got)
     assert (text_logits(theirs, ids, mask) - got).abs().max() < 1e-4
 
 
-def test_reset_layers_and_graft_read_a_multimodal_base(tmp_path):
+def test_reset_layers_and_graft_read_a_multimodal_base(tmp_path, padded_batch):
     """train.reset_layers copies a multimodal base's layers back; graft.py takes it as any of A, B, C."""
     ref = save_multimodal(tmp_path / "base")
     m = C.from_pretrained(tmp_path / "base")
-    ids, mask = batch()
+    ids, mask = padded_batch
     with torch.no_grad():
         m.layers[2].mlp.up_proj.weight.mul_(2.0)
     with O.atomic_dir(tmp_path / "changed", "checkpoint") as d:

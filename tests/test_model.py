@@ -51,21 +51,12 @@ def save_tiny(family, path, shard=None):
     return ref
 
 
-def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 101, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0                          # right padding
-    mask[2, 3:] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_match_transformers(family, tmp_path):
+def test_logits_match_transformers(family, tmp_path, padded_batch):
     ref = save_tiny(family, tmp_path)
     ours = C.from_pretrained(tmp_path)
     assert set(ours.state_dict()) | {"lm_head.weight"} >= set(ref.state_dict())
-    ids, mask = batch()
+    ids, mask = padded_batch
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
         got = ours(ids, mask)
@@ -89,19 +80,19 @@ def test_longer_than_window(family, tmp_path):
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max() > 1e-3
 
 
-def test_sharded_checkpoint(tmp_path):
+def test_sharded_checkpoint(tmp_path, padded_batch):
     ref = save_tiny("llama", tmp_path, shard="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     ours = C.from_pretrained(tmp_path)
-    ids, mask = batch()
+    ids, mask = padded_batch
     with torch.no_grad():
         assert (ours(ids, mask)[mask.bool()] - ref(input_ids=ids, attention_mask=mask).logits[mask.bool()]).abs().max() < 1e-4
 
 
-def test_taps_record_and_patch(tmp_path):
+def test_taps_record_and_patch(tmp_path, padded_batch):
     save_tiny("llama", tmp_path)
     m = C.from_pretrained(tmp_path)
-    ids, mask = batch()
+    ids, mask = padded_batch
     taps = M.Taps()
     with torch.no_grad():
         base = m(ids, mask, taps=taps)
@@ -131,13 +122,13 @@ def test_errors(tmp_path):
         C.from_pretrained(tmp_path)
 
 
-def test_bf16_sublayer_inputs_are_cast_once(tmp_path, monkeypatch):
+def test_bf16_sublayer_inputs_are_cast_once(tmp_path, monkeypatch, padded_batch):
     """Under autocast each sublayer's normed input is cast to bf16 once (model.matmul_dtype), not by each of its
     projections: the same logits bit for bit, and the weight gradients within bf16 rounding (the projections'
     input gradients are then summed in bf16)."""
     save_tiny("llama", tmp_path)
     m = C.from_pretrained(tmp_path)
-    ids, mask = batch()
+    ids, mask = padded_batch
 
     def run():
         taps = M.Taps()

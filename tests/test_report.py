@@ -2,96 +2,20 @@
 verdict criteria on known numbers, and a failed stage that neither stops the rest nor loses finished ones."""
 import json
 
-import torch
-from safetensors.torch import save_file
 
 import paper
 import report as R
-
-PNG = bytes.fromhex("89504e470d0a1a0a")                           # a PNG signature is enough to copy
-
-
-def records(phases, fact, impl, epochs=2):
-    """Records falling linearly from chance to (fact, impl) in every phase."""
-    out = []
-    for ph in phases:
-        for e in range(epochs + 1):
-            a = e / epochs
-            out.append({"phase": ph, "epoch": e, "loss": 1.0 - a / 2,
-                        "fact_mean_rank": 9.5 + a * (fact - 9.5), "impl_mean_rank": 9.5 + a * (impl - 9.5)})
-    return out
-
-
-def write(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-
-
-def stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=1.0, impl_first_forgets=False,
-              seed=None):
-    """Stage outputs of one seed, as the stages write them, with numbers that reproduce every claim."""
-    args = {"lr": 3e-4, "epochs": 2, "batch_size": 8, "constant_lr": False, "dtype": "float32", "train_all": False,
-            "threads": 2}
-    for hop, impl, fact in (("first_hop", first_impl, 0.0), ("second_hop", 2.0, second_fact)):
-        write(w / hop / "metrics.json", {"args": args, "n_params": 1000, "n_trainable": 800, "base_model": "/base",
-                                         "records": records(["finetune"], fact, impl)})
-        L, Ta = 6, 5
-        inf = torch.zeros(Ta, L)
-        if hop == "first_hop":
-            inf[1, 1] = 1.0                                        # early layer, name token
-        else:
-            inf[-1, 5] = 1.0                                       # late layer, last token
-        sc = w / f"scores_{hop}"
-        sc.mkdir(parents=True)
-        down = torch.zeros(Ta, L)
-        down[-1, 5] = 1.0                                          # downstream: late layer, last token
-        save_file({"informative.mlp": inf, "informative.attn": torch.zeros(Ta, L, 2), "downstream.mlp": down,
-                   "downstream.attn": torch.zeros(Ta, L, 2)}, str(sc / "scores.safetensors"))
-        (sc / "scores.png").write_bytes(PNG)
-        early_impl, late_impl = (8.0, impl) if hop == "first_hop" else (impl, 7.0)
-        write(w / f"freeze_post_{hop}.json", {
-            "early": {"layers": [0, 1, 2, 3], "fact_mean_rank": 3.0, "impl_mean_rank": early_impl},
-            "late": {"layers": [4, 5], "fact_mean_rank": 0.5, "impl_mean_rank": late_impl}})
-        for which in ("early", "late"):
-            bad = (which == "early") == (hop == "first_hop")          # pre-freezing that hop's site: no OCR
-            write(w / f"{hop}_{which}_pre" / "metrics.json",
-                  {"args": args, "records": records(["finetune"], 0.0, impl + 4 if bad else impl)})
-    t3 = {"W (base)": {"Impl F'": 9.5, "Impl F": 9.5, "F'": 9.5},
-          "W_F'": {"Impl F'": 9.0, "Impl F": 8.5, "F'": 0.0},
-          "W_graft": {"Impl F'": 1.0 if graft_ok else 9.0, "Impl F": 3.0, "F'": 0.1},
-          "W~_graft": {"Impl F'": 8.4, "Impl F": 0.4, "F'": 0.3}}
-    seed = int(w.name.removeprefix("seed")) if seed is None else seed
-    g = torch.Generator().manual_seed(seed)                          # per-entry scores (Ta, L), (Ta, L, H)
-    f6 = {}
-    for c, shape in (("mlp", [5, 6]), ("heads", [5, 6, 2])):
-        x = torch.randn(shape, generator=g).flatten()
-        f6[c] = {"shape": shape, "downstream": x.tolist(),
-                 "informative": (x + 0.5 * torch.randn(x.shape, generator=g)).tolist()}
-    write(w / "graft" / "results.json", {"table3": t3, "fig6": f6,
-                                         "fig4_facts_first": records(["pretrain_facts", "pretrain_impls", "finetune"],
-                                                                     0.0, 1.0)})
-    (w / "graft" / "fig6.png").write_bytes(PNG)
-    # impl_first ends continued pretraining on the facts; forgetting the implications shows at its last record
-    write(w / "daxwug_impl_first" / "metrics.json",
-          {"records": records(["pretrain_impls", "pretrain_facts"], 0.0, 6.0 if impl_first_forgets else 0.5)
-           + records(["finetune"], 0.0, 8.0)})
-    write(w / "daxwug_joint" / "metrics.json",
-          {"args": args, "records": records(["pretrain_joint"], 0.0, 0.0) + records(["finetune"], 0.0, 2.0)})
-    write(w / "preconditions.json", {"city_language": 0.5, "landmark_city": landmark_city,
-                                     "in_context_first_hop": 1.0, "in_context_second_hop": 3.0})
-    write(w / "stage_times.json", {"first_hop": {"status": "ok", "seconds": 12.5, "load_at_start": 1.0}})
-
 
 def verdict_lines(text):
     lines = text.split("## Verdicts")[1].split("## Preconditions")[0].strip().splitlines()
     return [ln for ln in lines if ln.startswith("|")][2:]                # without the header and its rule
 
 
-def test_report_has_every_section_table_figure_and_verdict(tmp_path):
+def test_report_has_every_section_table_figure_and_verdict(tmp_path, stubs):
     work, out = tmp_path / "work", tmp_path / "out"
     out.mkdir()
     for seed in (0, 1):
-        stub_seed(work / f"seed{seed}", first_impl=1.0 + seed)
+        stubs.stub_seed(work / f"seed{seed}", first_impl=1.0 + seed)
     R.write_report("stub-model", [0, 1], work, out)
     text = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## Preconditions", "## Seed spread", "## Settings", "## Fig. 2", "## Fig. 3",
@@ -117,9 +41,9 @@ def test_report_has_every_section_table_figure_and_verdict(tmp_path):
     assert res["fig6"]["mlp"]["units"] == "per position x layer" and 0 < res["fig6"]["mlp"]["p_perm"] < 0.01
 
 
-def test_verdicts_follow_their_criteria(tmp_path):
+def test_verdicts_follow_their_criteria(tmp_path, stubs):
     w = tmp_path / "seed0"
-    stub_seed(w, first_impl=9.2, graft_ok=False)                   # no first-hop OCR, no transfer of Impl F'
+    stubs.stub_seed(w, first_impl=9.2, graft_ok=False)                   # no first-hop OCR, no transfer of Impl F'
     res = R.collect("stub", [0], tmp_path)
     v = {claim.split(":")[0]: verdict for claim, verdict, _, _ in R.verdicts(res)}
     assert v["Fig. 2 first-hop OCR"] == "not"                       # 9.5 -> 9.2 is a fall of less than 0.5
@@ -128,41 +52,41 @@ def test_verdicts_follow_their_criteria(tmp_path):
     assert v["Table 2 (post)"] == "partly"                          # the second hop's half still holds
 
 
-def test_fig6_old_per_component_format_still_reads(tmp_path):
+def test_fig6_old_per_component_format_still_reads(tmp_path, stubs):
     w = tmp_path / "seed0"
-    stub_seed(w)
+    stubs.stub_seed(w)
     g = json.loads((w / "graft" / "results.json").read_text())
     for c in ("mlp", "heads"):                                      # graft.py before per-entry scores: no "shape"
         del g["fig6"][c]["shape"]
-    write(w / "graft" / "results.json", g)
+    stubs.write(w / "graft" / "results.json", g)
     f6 = R.collect("stub", [0], tmp_path)["fig6"]
     assert f6["mlp"]["units"].startswith("per component") and f6["mlp"]["n"] == 30
 
 
-def test_unlearned_facts_and_unknown_hops_are_inconclusive(tmp_path):
-    stub_seed(tmp_path / "seed0", second_fact=5.5)                  # the second-hop finetune never learned its facts
+def test_unlearned_facts_and_unknown_hops_are_inconclusive(tmp_path, stubs):
+    stubs.stub_seed(tmp_path / "seed0", second_fact=5.5)                  # the second-hop finetune never learned its facts
     v = {claim.split(":")[0]: verdict for claim, verdict, _, _ in R.verdicts(R.collect("stub", [0], tmp_path))}
     assert v["Fig. 2 second-hop OCR"] == "inconclusive" and v["Fig. 2 first-hop OCR"] == "reproduced"
     for claim in ("Fig. 3 localization", "Table 2 (post)", "Table 2 (pre)"):
         assert v[claim] == "inconclusive", claim
-    stub_seed(tmp_path / "seed1", landmark_city=4.0)                # the base model does not know landmark -> city
+    stubs.stub_seed(tmp_path / "seed1", landmark_city=4.0)                # the base model does not know landmark -> city
     a = {x["id"]: x for x in R.claims.assess(R.collect("stub", [1], tmp_path))}
     assert a["fig2_second_hop"]["verdict"] == "inconclusive" and "landmark -> city" in a["fig2_second_hop"]["precondition"]
     assert a["fig2_first_hop"]["verdict"] == "reproduced"
 
 
-def test_fig4_sees_forgetting_at_the_end_of_continued_pretraining(tmp_path):
-    stub_seed(tmp_path / "seed0", impl_first_forgets=True)
+def test_fig4_sees_forgetting_at_the_end_of_continued_pretraining(tmp_path, stubs):
+    stubs.stub_seed(tmp_path / "seed0", impl_first_forgets=True)
     a = {x["id"]: x for x in R.claims.assess(R.collect("stub", [0], tmp_path))}
     assert a["fig4"]["verdict"] == "partly"                          # the OCR gaps hold, the train split does not
 
 
-def test_missing_stage_still_renders(tmp_path):
+def test_missing_stage_still_renders(tmp_path, stubs):
     w = tmp_path / "work" / "seed0"
-    stub_seed(w)
+    stubs.stub_seed(w)
     import shutil
     shutil.rmtree(w / "graft")
-    write(w / "stage_times.json", {"graft": {"status": "failed", "seconds": 3.0, "error": "exit 1: error: boom"}})
+    stubs.write(w / "stage_times.json", {"graft": {"status": "failed", "seconds": 3.0, "error": "exit 1: error: boom"}})
     text = R.render(R.collect("stub", [0], tmp_path / "work"), {})   # the pure renderer, no figure files
     assert R.render(R.collect("stub", [0], tmp_path / "work"), {}) == text
     assert "not available" in text and "## Failed stages" in text and "error: boom" in text

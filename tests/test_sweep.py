@@ -13,7 +13,6 @@ import stats
 import sweep
 import train
 from checkpoint import from_pretrained, load_tokenizer
-from test_report import stub_seed, records, write
 
 pytest.importorskip("transformers")
 
@@ -68,7 +67,7 @@ def test_a_grid_cell_and_a_diverged_one(tiny_dir, tmp_path, monkeypatch):
     assert grid["first_hop"]["0.001:4"]["diverged"] == [None]             # not run
 
 
-def stub_grid(work, seeds, learns_from=(1e-4, 8), second_ocr=(1e-3, 16)):
+def stub_grid(stubs, work, seeds, learns_from=(1e-4, 8), second_ocr=(1e-3, 16)):
     """Grid cells: first-hop facts learned from lr x epochs `learns_from` on; one second-hop cell with OCR."""
     for seed in seeds:
         for hop in sweep.HOPS:
@@ -76,36 +75,37 @@ def stub_grid(work, seeds, learns_from=(1e-4, 8), second_ocr=(1e-3, 16)):
                 for ep in sweep.EPOCHS:
                     learned = (lr, ep) >= learns_from
                     impl = 1.0 + seed if hop == "second_hop" and (lr, ep) == second_ocr else 9.0
-                    write(work / f"seed{seed}" / "grid" / f"{sweep.cell_name(hop, lr, ep)}.json",
+                    stubs.write(work / f"seed{seed}" / "grid" / f"{sweep.cell_name(hop, lr, ep)}.json",
                           {"hop": hop, "lr": lr, "epochs": ep, "seed": seed, "diverged": False,
                            "fact_mean_rank": 0.0 if learned else 6.0, "impl_mean_rank": impl})
 
 
-def test_gentlest_cell_is_the_smallest_lr_then_fewest_epochs_that_learns(tmp_path):
-    stub_grid(tmp_path, [0, 1])
+def test_gentlest_cell_is_the_smallest_lr_then_fewest_epochs_that_learns(tmp_path, stubs):
+    stub_grid(stubs, tmp_path, [0, 1])
     grid = sweep.collect_grid(tmp_path, [0, 1])
     assert sweep.gentlest(grid, 2) == (1e-4, 8)
     (tmp_path / "seed1" / "grid" / f"{sweep.cell_name('first_hop', 3e-5, 4)}.json").unlink()
     assert sweep.gentlest(sweep.collect_grid(tmp_path, [0, 1]), 2) is None        # incomplete: no choice yet
 
 
-def test_report_renders_grid_gentle_replay_and_salience(tmp_path):
+def test_report_renders_grid_gentle_replay_and_salience(tmp_path, stubs):
     work, out = tmp_path / "work", tmp_path / "out"
     for seed in (0, 1):
         w = work / f"seed{seed}"
-        stub_seed(w, first_impl=1.0 + seed)
-        write(w / "daxwug_facts_first_replay" / "metrics.json",
-              {"records": records(["pretrain_facts", "pretrain_impls"], 0.0, 0.0) + records(["finetune"], 0.0, 1.5)})
+        stubs.stub_seed(w, first_impl=1.0 + seed)
+        stubs.write(w / "daxwug_facts_first_replay" / "metrics.json",
+                    {"records": stubs.records(["pretrain_facts", "pretrain_impls"], 0.0, 0.0)
+                                + stubs.records(["finetune"], 0.0, 1.5)})
         # salience: the better the base knows the city's language (margin), the lower the implication's rank
         margin = np.linspace(-2, 3, 20)
-        write(w / "salience.json", {hop: {"base_margin": margin.tolist(), "base_rank": (-margin).tolist(),
+        stubs.write(w / "salience.json", {hop: {"base_margin": margin.tolist(), "base_rank": (-margin).tolist(),
                                           "impl_rank": (10 - 2 * margin).tolist()} for hop in sweep.HOPS})
         g = sweep.gentle_dir(w, (1e-4, 8))
-        stub_seed(g, seed=seed)                                          # Fig. 4 / Table 3 / Fig. 6 stubs again
+        stubs.stub_seed(g, seed=seed)                                    # Fig. 4 / Table 3 / Fig. 6 stubs again
         res_g = json.loads((g / "graft" / "results.json").read_text())
         res_g["settings"] = {"lr": 1e-4, "epochs": 8}
-        write(g / "graft" / "results.json", res_g)
-    stub_grid(work, [0, 1])
+        stubs.write(g / "graft" / "results.json", res_g)
+    stub_grid(stubs, work, [0, 1])
     out.mkdir()
     res = R.write_report("stub-model", [0, 1], work, out)
     text = (out / "REPORT.md").read_text()
