@@ -29,6 +29,7 @@ gentlest cell (sweep.py).
 Then collect.collect() reads those outputs into results.json (every number per seed), claims.py judges each claim
 on the seed means, and render.render() (a pure function of the results) writes REPORT.md.
 """
+import argparse
 import dataclasses
 import gc
 import os
@@ -110,14 +111,14 @@ def stages(model, seed, w, base, device):
         for which in ("early", "late"):
             d = w / f"{hop}_{which}_pre"
             out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
+    out.append(("salience", w / "salience.json", lambda: of_base(
+        base, w / "salience.json", preconditions.salience, {hop: w / hop for hop in HOPS}, seed, device)))
     out.append(("graft", w / "graft" / "results.json",
                 lambda: graft.experiment(model, seed, w / "graft", device, log, load_base=base)))
     out.append(("daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json", lambda: graft.impl_first(s, w, log)))
     for order in ("joint", "facts_first_replay"):
         d = w / f"daxwug_{order}"
         out.append((d.name, d / "metrics.json", fine(d, dataset="daxwug", order=order)))
-    out.append(("salience", w / "salience.json", lambda: of_base(
-        base, w / "salience.json", preconditions.salience, {hop: w / hop for hop in HOPS}, seed, device)))
     return out
 
 
@@ -217,6 +218,17 @@ def write_report(model, seeds, work, out, overwrite=False, revision=None):
     return res
 
 
+def seed_list(text):
+    """argparse type of --only-seeds: '0,2' -> [0, 2]."""
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as integers separated by commas, e.g. 1,2") from None
+    if any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are 0 or more")
+    return sorted(set(out))
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", default=DEFAULT_NAME, help="base model: the embedded default, a directory or a hub id")
@@ -232,9 +244,15 @@ def main(argv=None):
                    "its gentlest cell (sweep.py)")
     p.add_argument("--grid-only", action="store_true", help="run only the grid's cells and write no report (e.g. in "
                    "a second process beside `report.py`; a later `report.py --grid` reuses them)")
+    p.add_argument("--only-seeds", type=seed_list, default=None, metavar="S,S,...",
+                   help="run only these seeds' stages and write no report (e.g. one process a seed, each with "
+                        "--threads 1; a later `report.py --render-only` writes the report)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
     p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
     args = p.parse_args(argv)
+    if args.only_seeds and not set(args.only_seeds) <= set(range(args.seeds)):
+        p.error(f"--only-seeds {','.join(map(str, args.only_seeds))}: the report's seeds are 0..{args.seeds - 1} "
+                f"(--seeds {args.seeds})")
     name = Path(str(args.model)).name
     out = Path(args.out or Path("results") / name)
     work = Path(args.work or Path("runs") / "report" / name)
@@ -246,12 +264,15 @@ def main(argv=None):
         device = dist.init(args.device)                            # torchrun: the process group, first
         # a hub id at --revision: its snapshot's directory, for every stage
         model = resolve(args.model, args.revision) if args.revision is not None else args.model
-        if not args.grid_only:                                     # before hours of stages, not after
+        partial = args.grid_only or args.only_seeds                # stages only, no report
+        if not partial:                                            # before hours of stages, not after
             dist.on_main(check_output, out, "report", args.overwrite, log=log)
         if not args.render_only:
-            run_stages(model, seeds, work, device, args.grid, args.grid_only)
-        if args.grid_only:
-            return log(f"grid cells done in {time.time() - t0:.0f} s; `report.py --grid` writes the report")
+            run_stages(model, args.only_seeds or seeds, work, device, args.grid and not args.only_seeds,
+                       args.grid_only)
+        if partial:
+            return log(f"stages done in {time.time() - t0:.0f} s; `report.py --render-only` (or --grid) writes the "
+                       f"report")
         res = dist.on_main(write_report, args.model, seeds, work, out, args.overwrite, args.revision)
         if dist.is_main():
             for claim, v, _, ev in verdicts(res):

@@ -2,6 +2,8 @@
 verdict criteria on known numbers, and a failed stage that neither stops the rest nor loses finished ones."""
 import json
 
+import pytest
+
 
 import paper
 import report as R
@@ -112,3 +114,15 @@ def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
     R.run_stages("m", [0], tmp_path)
     again = json.loads((tmp_path / "seed0" / "stage_times.json").read_text())
     assert done.read_text() == "kept" and again["b"] == times["b"]
+
+
+def test_only_seeds_runs_those_seeds_and_writes_no_report(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(R, "run_stages", lambda model, seeds, work, device, grid, grid_only: calls.append((seeds, grid)))
+    out = tmp_path / "out"
+    R.main(["--only-seeds", "2,1", "--seeds", "3", "--grid", "--out", str(out), "--work", str(tmp_path / "w")])
+    assert calls == [([1, 2], False)] and not out.exists()        # those seeds, no report, no gentle cell
+    for bad, msg in ((["--only-seeds", "3", "--seeds", "3"], "seeds are 0..2"), (["--only-seeds", "a"], "integers")):
+        with pytest.raises(SystemExit) as e:
+            R.main(bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
