@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-
 import paper
 import report as R
+
 
 def verdict_lines(text):
     lines = text.split("## Verdicts")[1].split("## Preconditions")[0].strip().splitlines()
