@@ -173,7 +173,7 @@ def collect(model, seeds, work):
     res.update(og)
     res["salience"] = salience_pooled(salience)
     res["grid"] = sweep.collect_grid(work, seeds)
-    cell = sweep.gentlest(res["grid"], n)
+    cell = sweep.gentlest(res["grid"], res["table2"]["All"]["first_hop"]["impl"])
     gentle = orders_and_graft([sweep.gentle_dir(work / f"seed{s}", cell) for s in seeds]) if cell else None
     res["gentle"] = gentle if gentle and gentle["settings"] is not None else None
     return res

@@ -164,9 +164,9 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
         if grid or grid_only:
             run_list(seed, w / "grid", sweep.grid_stages(settings(seed), w, base, log))
     if grid and not grid_only:
-        cell = sweep.gentlest(sweep.collect_grid(work, seeds), len(seeds))
+        cell = sweep.gentlest(sweep.collect_grid(work, seeds), sweep.base_impl(work, seeds))
         if cell is None:
-            log("grid: incomplete, or no first-hop cell learns the facts: no gentle cell, its stages are skipped")
+            log("grid: incomplete, or no first-hop cell shows OCR: no gentle cell, its stages are skipped")
             return
         log(f"grid: the gentle cell is lr {cell[0]:g} x {cell[1]} epochs")
         for seed in seeds:

@@ -9,9 +9,9 @@ small JSON per cell under --work/seed{s}/grid/. A cell whose training diverges i
 report runs the seeds one after the other, so a grid cut short covers every cell with its first seeds.
 
 The gentle cell: at lr 3e-4 x 8 epochs (the default), training W_F on Impl F makes it forget F, so Table 3's
-W_graft carries unlearning of F. The authors' own rates are 10-100x lower. We take the first-hop cell that
-learns the facts (seed mean <= claims.LEARNED) with the smallest lr, then the fewest epochs: the least update
-that still stores the facts, so the least to forget. graft.experiment and the Fig. 4 orderings (with the
+W_graft carries unlearning of F. The authors' own rates are 10-100x lower. We take the first-hop cell with OCR
+(facts learned, implications >= claims.CLEAR below the base model on every seed) at the smallest lr, then the
+fewest epochs: the least update that still makes the structures Table 3 and Fig. 4 test, so the least to forget. graft.experiment and the Fig. 4 orderings (with the
 facts-first ordering that replays the facts, train.make_phases) run again there, under
 --work/seed{s}/gentle_lr{lr}_ep{epochs}/ (report.gentle_stages; named by the cell, so a grid that chooses another
 cell never mixes with an earlier one).
@@ -94,15 +94,34 @@ def gentle_dir(w, cell):
     return w / f"gentle_lr{cell[0]:g}_ep{cell[1]}"
 
 
-def gentlest(grid, n_seeds):
-    """(lr, epochs) of the first-hop cell that learns the facts with the smallest lr, then the fewest epochs; None
-    until every first-hop cell has run on every seed, or when no cell learns them."""
-    if not complete(grid, "first_hop", n_seeds):
+def judge(c, base_impl):
+    """(learned, ocr, drop) of one cell {"fact", "impl"} (per seed): facts learned on the seed mean, and OCR: the
+    implication rank >= CLEAR below the base model's (`base_impl`, per seed) on every seed (claims.consistent)."""
+    f = mean(c["fact"])
+    drop = paired(c["impl"], base_impl)                           # base - cell > 0: a fall
+    learned = f is not None and f <= LEARNED and not any(c["diverged"])
+    return learned, learned and bool(drop["n"]) and drop["diff"] >= CLEAR and consistent(drop), drop
+
+
+def base_impl(work, seeds):
+    """Per seed, the base model's first-hop implication rank: the first_hop stage's epoch-0 record."""
+    out = []
+    for seed in seeds:
+        f = work / f"seed{seed}" / "first_hop" / "metrics.json"
+        out.append(read_json(f, "first_hop metrics")["records"][0]["impl_mean_rank"] if f.exists() else None)
+    return out
+
+
+def gentlest(grid, base):
+    """(lr, epochs) of the first-hop cell with OCR (facts learned and implications clearly better than the base
+    model's `base` ranks, per seed) at the smallest lr, then the fewest epochs: Table 3 and Fig. 4 test the
+    structures that make OCR, so the cell must show it. None until every first-hop cell has run on every seed, or
+    when no cell shows OCR."""
+    if not complete(grid, "first_hop", len(base)):
         return None
     for lr in LRS:
         for ep in EPOCHS:
-            c = grid["first_hop"][f"{lr:g}:{ep}"]
-            if not any(c["diverged"]) and mean(c["fact"]) is not None and mean(c["fact"]) <= LEARNED:
+            if judge(grid["first_hop"][f"{lr:g}:{ep}"], base)[1]:
                 return lr, ep
     return None
 
@@ -163,11 +182,11 @@ def grid_section(res, img):
                     continue
                 k = len([x for x in c["fact"] if x is not None])
                 row.append(f"{f:.2f} / {i:.2f}" + (f" (n {k})" if k < n else ""))
-                drop = paired(c["impl"], base)                          # base - cell > 0: a fall
-                if f <= LEARNED:
+                is_learned, is_ocr, drop = judge(c, base)
+                if is_learned:
                     learned.append(f"{lr:g} x {ep}")
-                    if drop["n"] and drop["diff"] >= CLEAR and consistent(drop):
-                        ocr.append(f"{lr:g} x {ep} (fall {fmt_diff(drop)})")
+                if is_ocr:
+                    ocr.append(f"{lr:g} x {ep} (fall {fmt_diff(drop)})")
             L.append(f"| {lr:g} | " + " | ".join(row) + " |")
         L += ["", f"Facts learned at: {', '.join(learned) or 'no cell'}. "
                   f"OCR at: {', '.join(ocr) or 'no cell'}.", ""]

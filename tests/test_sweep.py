@@ -67,25 +67,28 @@ def test_a_grid_cell_and_a_diverged_one(tiny_dir, tmp_path, monkeypatch):
     assert grid["first_hop"]["0.001:4"]["diverged"] == [None]             # not run
 
 
-def stub_grid(stubs, work, seeds, learns_from=(1e-4, 8), second_ocr=(1e-3, 16)):
-    """Grid cells: first-hop facts learned from lr x epochs `learns_from` on; one second-hop cell with OCR."""
+def stub_grid(stubs, work, seeds, learns_from=(1e-4, 8), first_ocr=(3e-4, 8), second_ocr=(1e-3, 16)):
+    """Grid cells: first-hop facts learned from lr x epochs `learns_from` on, first-hop OCR from `first_ocr` on
+    (in lr, then epoch order), one second-hop cell with OCR; the base model's implication rank: 9.5."""
     for seed in seeds:
         for hop in sweep.HOPS:
             for lr in sweep.LRS:
                 for ep in sweep.EPOCHS:
                     learned = (lr, ep) >= learns_from
-                    impl = 1.0 + seed if hop == "second_hop" and (lr, ep) == second_ocr else 9.0
+                    ocr = (lr, ep) == second_ocr if hop == "second_hop" else (lr, ep) >= first_ocr
+                    impl = 1.0 + seed if ocr else 9.0
                     stubs.write(work / f"seed{seed}" / "grid" / f"{sweep.cell_name(hop, lr, ep)}.json",
                           {"hop": hop, "lr": lr, "epochs": ep, "seed": seed, "diverged": False,
                            "fact_mean_rank": 0.0 if learned else 6.0, "impl_mean_rank": impl})
 
 
-def test_gentlest_cell_is_the_smallest_lr_then_fewest_epochs_that_learns(tmp_path, stubs):
+def test_gentlest_cell_is_the_smallest_lr_then_fewest_epochs_with_ocr(tmp_path, stubs):
     stub_grid(stubs, tmp_path, [0, 1])
     grid = sweep.collect_grid(tmp_path, [0, 1])
-    assert sweep.gentlest(grid, 2) == (1e-4, 8)
+    assert sweep.gentlest(grid, [9.5, 9.5]) == (3e-4, 8)          # 1e-4 x 8 learns the facts, without OCR
+    assert sweep.gentlest(grid, [9.5, 2.0]) is None               # seed 1's base is as good already: no OCR
     (tmp_path / "seed1" / "grid" / f"{sweep.cell_name('first_hop', 3e-5, 4)}.json").unlink()
-    assert sweep.gentlest(sweep.collect_grid(tmp_path, [0, 1]), 2) is None        # incomplete: no choice yet
+    assert sweep.gentlest(sweep.collect_grid(tmp_path, [0, 1]), [9.5, 9.5]) is None   # incomplete: no choice yet
 
 
 def test_report_renders_grid_gentle_replay_and_salience(tmp_path, stubs):
@@ -100,10 +103,10 @@ def test_report_renders_grid_gentle_replay_and_salience(tmp_path, stubs):
         margin = np.linspace(-2, 3, 20)
         stubs.write(w / "salience.json", {hop: {"base_margin": margin.tolist(), "base_rank": (-margin).tolist(),
                                           "impl_rank": (10 - 2 * margin).tolist()} for hop in sweep.HOPS})
-        g = sweep.gentle_dir(w, (1e-4, 8))
+        g = sweep.gentle_dir(w, (3e-4, 8))
         stubs.stub_seed(g, seed=seed)                                    # Fig. 4 / Table 3 / Fig. 6 stubs again
         res_g = json.loads((g / "graft" / "results.json").read_text())
-        res_g["settings"] = {"lr": 1e-4, "epochs": 8}
+        res_g["settings"] = {"lr": 3e-4, "epochs": 8}
         stubs.write(g / "graft" / "results.json", res_g)
     stub_grid(stubs, work, [0, 1])
     out.mkdir()
@@ -112,8 +115,8 @@ def test_report_renders_grid_gentle_replay_and_salience(tmp_path, stubs):
     assert "## Learning rate x epochs grid" in text and "](grid.png)" in text and (out / "grid.png").exists()
     assert "| 0.0001 | 6.00 / 9.00 | 0.00 / 9.00 |" in text                 # lr 1e-4: learned from 8 epochs on
     assert "OCR at: 0.001 x 16" in text                                    # second hop: 9.5 -> 1.0 / 2.0
-    assert text.count("OCR at: no cell") == 1                              # first hop: 9.0 is no fall of 2
-    assert "## Fig. 4, Table 3 and Fig. 6 at the gentle cell: lr 0.0001 x 8 epochs" in text
+    assert "OCR at: 0.0003 x 8 (fall" in text                              # first hop; 1e-4 x 16 only learns
+    assert "## Fig. 4, Table 3 and Fig. 6 at the gentle cell: lr 0.0003 x 8 epochs" in text
     gentle = text.split("at the gentle cell: lr")[1]
     assert gentle.count("**reproduced**") == 3                           # Fig. 4, Table 3, Fig. 6 on the stubs
     assert "facts_first_replay (ours" in text
@@ -153,7 +156,7 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     """Every stage of report.py, the grid (shrunk to 2 x 2) and the gentle cell, in process, on the tiny model."""
     monkeypatch.setattr(sweep, "LRS", (3e-3, 1e-2))
     monkeypatch.setattr(sweep, "EPOCHS", (1, 2))
-    monkeypatch.setattr(sweep, "LEARNED", 100.0)                          # every cell "learns": the first is gentlest
+    monkeypatch.setattr(sweep, "gentlest", lambda grid, base: (3e-3, 1) if grid else None)   # the tiny model's OCR aside
     work, out = tmp_path / "work", tmp_path / "out"
     R.run_stages(str(tiny_dir), [0], work, grid=True)
     times = {**json.loads((work / "seed0" / "stage_times.json").read_text()),
