@@ -11,10 +11,10 @@ report runs the seeds one after the other, so a grid cut short covers every cell
 The gentle cell: at lr 3e-4 x 8 epochs (the default), training W_F on Impl F makes it forget F, so Table 3's
 W_graft carries unlearning of F. The authors' own rates are 10-100x lower. We take the first-hop cell with OCR
 (facts learned, implications >= claims.CLEAR below the base model on every seed) at the smallest lr, then the
-fewest epochs: the least update that still makes the structures Table 3 and Fig. 4 test, so the least to forget. graft.experiment and the Fig. 4 orderings (with the
-facts-first ordering that replays the facts, train.make_phases) run again there, under
---work/seed{s}/gentle_lr{lr}_ep{epochs}/ (report.gentle_stages; named by the cell, so a grid that chooses another
-cell never mixes with an earlier one).
+fewest epochs: the least update that still makes the structures Table 3 and Fig. 4 test, so the least to forget.
+graft.experiment and the Fig. 4 orderings (with the facts-first ordering that replays the facts, train.make_phases)
+run again there, under --work/seed{s}/gentle_lr{lr}_ep{epochs}/ (report.gentle_stages; named by the cell, so a grid
+that chooses another cell never mixes with an earlier one).
 """
 import dataclasses
 
@@ -61,7 +61,8 @@ def grid_stages(s: train.Settings, w, base, log):
             for ep in EPOCHS:
                 path = w / "grid" / f"{cell_name(hop, lr, ep)}.json"
                 c = dataclasses.replace(s, dataset=hop, lr=lr, epochs=ep, eval="final")
-                out.append((f"grid_{cell_name(hop, lr, ep)}", path, lambda c=c, path=path: run_cell(base, c, path, log)))
+                out.append((f"grid_{cell_name(hop, lr, ep)}", path,
+                            lambda c=c, path=path: run_cell(base, c, path, log)))
     return out
 
 
@@ -145,7 +146,7 @@ def heatmaps(plt, res):
                     ax.text(j, i, "div" if np.isnan(m[i, j]) else f"{m[i, j]:.1f}", ha="center", va="center",
                             fontsize=8, color="white" if np.isnan(m[i, j]) or m[i, j] > 9 else "black")
             ax.set(xticks=range(len(EPOCHS)), xticklabels=EPOCHS, yticks=range(len(LRS)),
-                   yticklabels=[f"{lr:g}" for lr in LRS], xlabel="epochs", ylabel="peak lr",
+                   yticklabels=[f"{lr:g}" for lr in LRS], xlabel="epochs", ylabel="peak lr" if kind == "fact" else "",
                    title=f"{hop.replace('_', '-')}: {'facts' if kind == 'fact' else 'implications'}")
             ax.title.set_fontsize(9)
     fig.colorbar(im, ax=axes, shrink=0.6, label="mean rank (chance 9.5)")
