@@ -140,13 +140,14 @@ def weight_delta(model_a, model_b, layer, name):
     return pb[name] - pa[name] if name in pa else None
 
 
-def late_gradients(model_a, model_b, b, ta):
+def late_gradients(model_a, model_b, b, ta, log=lambda *_: None):
     """g' of eq. 6: dR/dy_c with only the weights after component c changed (W_late <- W'_late), for every
     layer l, from the W residual stream cached in `ta` (pass 1):
         heads of layer l: attention at W (its output attn_out the leaf), layer l's MLP and later layers at W'
         MLP of layer l:   MLP at W (its output mlp_out the leaf), later layers at W'
     as in the exact eq. 3 (exact.py). Both entry points of a layer run as one batch of 2N through the later
-    layers: one partial pass per layer. Returns {l: dR/d attn_out (N, T, D)}, {l: dR/d mlp_out (N, T, D)}."""
+    layers: one partial pass per layer. Returns {l: dR/d attn_out (N, T, D)}, {l: dR/d mlp_out (N, T, D)}.
+    `log` hears every 10 layers."""
     L, N = model_a.config.n_layers, b.ids.shape[0]
     rope, mask = model_a.prepare(b.ids, b.mask)
     rope2, mask2 = model_b.prepare(b.ids.repeat(2, 1), b.mask.repeat(2, 1))
@@ -167,6 +168,8 @@ def late_gradients(model_a, model_b, b, ta):
         logits = model_b.logits(model_b.model.norm(h)[torch.arange(2 * N, device=h.device), last])
         data.reward(logits, b.correct.repeat(2), b.cands).sum().backward()
         g_attn[l], g_mlp[l] = t_head[p + "attn_out"].grad, t_mlp[p + "mlp_out"].grad
+        if (l + 1) % 10 == 0 and l + 1 < L:
+            log(f"  eq. 6's partial passes: {l + 1}/{L} layers")
     return g_attn, g_mlp
 
 
@@ -183,7 +186,7 @@ def linearized(model_a, model_b, b, log=lambda *_: None):
     log(f"  pass 1/3 (forward and backward at W) done, {time.time() - t0:.0f} s")
     tb = record(model_b, b)                                        # pass 2, at W'
     log(f"  pass 2/3 (forward and backward at W') done, {time.time() - t0:.0f} s")
-    g_attn, g_mlp = late_gradients(model_a, model_b, b, ta)       # eq. 6's g', W_late <- W'_late
+    g_attn, g_mlp = late_gradients(model_a, model_b, b, ta, log)  # eq. 6's g', W_late <- W'_late
     log(f"  eq. 6's partial passes ({L} layers) done, {time.time() - t0:.0f} s; pass 3/3 and the scores per layer")
     kinds = ("informative", "downstream", "upstream", "upstream_authors")
     out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")}
