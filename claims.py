@@ -17,6 +17,7 @@ from stats import mean, mean_se, paired
 
 HOPS = ("first_hop", "second_hop")
 ORDERS = ("facts_first", "impl_first", "joint")
+ALL_ORDERS = ORDERS + ("facts_first_replay",)       # ours beyond the paper: facts-first with the facts replayed
 
 # --- thresholds, each with why ----------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import torch
 
 import paper
 import sweep
-from claims import HOPS, LATE, ORDERS
-from stats import fig6_stats, spearman_pooled
+from claims import ALL_ORDERS, HOPS, LATE
+from stats import fig6_stats, midranks, pearson, spearman_pooled
 
 T2_ROWS = tuple(paper.TABLE2)
 
@@ -81,7 +81,7 @@ def orders_and_graft(dirs):
     """Fig. 4 (every ordering, replay included), Table 3 and Fig. 6 from the per-seed directories `dirs` (each
     holding graft/ and daxwug_*/): {"fig4", "table3", "fig6", "fig6_sources", "fig6_png", "settings"}."""
     n = len(dirs)
-    out = {"fig4": {o: [None] * n for o in ORDERS + ("facts_first_replay",)}, "table3": None, "fig6": None,
+    out = {"fig4": {o: [None] * n for o in ALL_ORDERS}, "table3": None, "fig6": None,
            "fig6_sources": [None] * n, "fig6_png": None, "settings": None}
     t3, graft_runs = {}, [None] * n
     for i, w in enumerate(dirs):
@@ -95,7 +95,7 @@ def orders_and_graft(dirs):
             out["fig6_png"] = out["fig6_png"] or str(w / "graft" / "fig6.png")
             out["fig4"]["facts_first"][i] = g["fig4_facts_first"]
             out["settings"] = out["settings"] or g.get("settings") or {}
-        for order in ("impl_first", "joint", "facts_first_replay"):
+        for order in [o for o in ALL_ORDERS if o != "facts_first"]:   # facts_first: the graft chain above
             m = read_json(w / f"daxwug_{order}" / "metrics.json")
             out["fig4"][order][i] = m["records"] if m else None
     out["table3"] = t3 or None
@@ -118,8 +118,7 @@ def salience_pooled(per_seed):
         rho_r, p_r, _ = spearman_pooled(brank, impl, strata)
         out[hop] = {"rho_margin": rho_m, "p_margin": p_m, "rho_rank": rho_r, "p_rank": p_r, "n": n,
                     "n_seeds": len(set(strata)),
-                    "per_seed_rho_margin": [spearman_pooled(sal[hop]["base_margin"], sal[hop]["impl_rank"],
-                                                            [0] * len(sal[hop]["impl_rank"]))[0]
+                    "per_seed_rho_margin": [pearson(midranks(sal[hop]["base_margin"]), midranks(sal[hop]["impl_rank"]))
                                             if sal and hop in sal else None for sal in per_seed]}
     return out or None
 

@@ -9,7 +9,7 @@ import numpy as np
 
 import paper
 import sweep
-from claims import HOPS, ORDERS
+from claims import ALL_ORDERS, HOPS
 from render import _write
 
 
@@ -52,12 +52,11 @@ def fig2(plt, res):
 
 
 def fig4(plt, res):
-    orders = ORDERS + ("facts_first_replay",)
-    runs = {o: [r for r in res["fig4"].get(o) or [] if r] for o in orders}
+    runs = {o: [r for r in res["fig4"].get(o) or [] if r] for o in ALL_ORDERS}
     if not any(runs.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for o, color in zip(orders, ("C0", "C1", "C2", "C3")):
+    for o, color in zip(ALL_ORDERS, ("C0", "C1", "C2", "C3")):
         if not runs[o]:
             continue
         pre = [[x for x in r if x["phase"].startswith("pretrain")] for r in runs[o]]

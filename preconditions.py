@@ -12,10 +12,18 @@ finetuning on facts the model knows well generalizes better): per implication, h
 known hop (its logit margin and rank on the pair's own city -> language or landmark -> city) against the rank of
 that implication after the finetune. report.py writes it to seed{s}/salience.json; collect.py correlates them.
 """
-import torch
-
 import data
 from checkpoint import from_pretrained
+
+
+def city_language(city, language):
+    """The first hop's known hop: city -> language."""
+    return data.Example(f"The people in the city of {city} speak", language)
+
+
+def landmark_city(city, landmark):
+    """The second hop's known hop: landmark -> city."""
+    return data.Example(f"{landmark} is in the city of", city)
 
 
 def known_hop_examples(seed=0):
@@ -23,8 +31,8 @@ def known_hop_examples(seed=0):
     The cities, languages and landmarks are data.py's, paired with names by the same seed as the datasets."""
     pairs = data.hop_pairs(seed)                                   # [(name, (city, language, landmark))]
     return {
-        "city_language": [data.Example(f"The people in the city of {c} speak", lang) for c, lang, _ in data.CITIES],
-        "landmark_city": [data.Example(f"{lm} is in the city of", c) for c, _, lm in data.CITIES],
+        "city_language": [city_language(c, lang) for c, lang, _ in data.CITIES],
+        "landmark_city": [landmark_city(c, lm) for c, _, lm in data.CITIES],
         # the first-hop implication with its fact stated just before it
         "in_context_first_hop": [data.Example(f"{n} lives in {c}. The people in the city {n} is from speak", lang)
                                  for n, (c, lang, _) in pairs],
@@ -62,16 +70,13 @@ def salience(base_model, tok, finetunes, seed=0, device="cpu"):
     for each hop's finetune directory in `finetunes`; the known-hop prompt of each implication is the one about
     its own pair's city (landmark), asked among the 20 cities' answers as in base_knowledge."""
     pairs = data.hop_pairs(seed)                                   # implication i is about pairs[i]
-    known = {"first_hop": [data.Example(f"The people in the city of {c} speak", lang) for _, (c, lang, _) in pairs],
-             "second_hop": [data.Example(f"{lm} is in the city of", c) for _, (c, _, lm) in pairs]}
+    known = {"first_hop": [city_language(c, lang) for _, (c, lang, _) in pairs],
+             "second_hop": [landmark_city(c, lm) for _, (c, _, lm) in pairs]}
     out = {}
     for hop, ckpt in finetunes.items():
         b_rank, b_margin = per_prompt(base_model, tok, known[hop])
-        with torch.no_grad():
-            ft = from_pretrained(ckpt, device=device)
-            impl = data.load_dataset(hop, seed=seed)["implications"]
-            i_rank, _ = per_prompt(ft, tok, impl)
-            del ft
+        impl = data.load_dataset(hop, seed=seed)["implications"]
+        i_rank, _ = per_prompt(from_pretrained(ckpt, device=device), tok, impl)   # data.last_logits: no_grad
         out[hop] = {"prompts": [e.prompt for e in impl], "known_prompts": [e.prompt for e in known[hop]],
                     "base_rank": b_rank, "base_margin": b_margin, "impl_rank": i_rank}
     return out

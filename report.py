@@ -95,10 +95,15 @@ def of_base(base, out, measure, *args):
     dist.on_main(write_json, out, measure(m, load_tokenizer(m.source), *args))
 
 
+def seed_settings(model, seed, device):
+    """train.py's defaults for one seed of the report (lr None: train.default_lr)."""
+    return train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
+
+
 def stages(model, seed, w, base, device):
     """(name, output that marks it done, action) for one seed, cheapest first. `base()`: the base model, loaded
     once when a stage first needs it."""
-    s = train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
+    s = seed_settings(model, seed, device)
     fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
     out = [("preconditions", w / "preconditions.json",
             lambda: of_base(base, w / "preconditions.json", preconditions.base_knowledge, seed))]
@@ -113,28 +118,27 @@ def stages(model, seed, w, base, device):
             out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
     out.append(("salience", w / "salience.json", lambda: of_base(
         base, w / "salience.json", preconditions.salience, {hop: w / hop for hop in HOPS}, seed, device)))
-    out.append(("graft", w / "graft" / "results.json",
-                lambda: graft.experiment(model, seed, w / "graft", device, log, load_base=base)))
-    out.append(("daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json", lambda: graft.impl_first(s, w, log)))
+    return out + graft_and_orderings(model, s, w, base, device)
+
+
+def graft_and_orderings(model, s: train.Settings, w, base, device, prefix=""):
+    """(name, output, action) of the graft experiment (Table 3, Fig. 6, Fig. 4's facts-first) and the other Fig. 4
+    orderings under `w`, trained with `s`'s lr and epochs; stage names start with `prefix`."""
+    fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
+    out = [(prefix + "graft", w / "graft" / "results.json", lambda: graft.experiment(
+               model, s.seed, w / "graft", device, log, load_base=base, lr=s.lr, epochs=s.epochs)),
+           (prefix + "daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json",
+            lambda: graft.impl_first(s, w, log))]
     for order in ("joint", "facts_first_replay"):
         d = w / f"daxwug_{order}"
-        out.append((d.name, d / "metrics.json", fine(d, dataset="daxwug", order=order)))
+        out.append((prefix + d.name, d / "metrics.json", fine(d, dataset="daxwug", order=order)))
     return out
 
 
 def gentle_stages(model, s: train.Settings, w, base, device, cell):
     """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the gentle cell (lr, epochs)."""
-    lr, ep = cell
-    g = sweep.gentle_dir(w, cell)
-    s = dataclasses.replace(s, lr=lr, epochs=ep)
-    fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
-    return [("gentle_graft", g / "graft" / "results.json",
-             lambda: graft.experiment(model, s.seed, g / "graft", device, log, load_base=base, lr=lr, epochs=ep)),
-            ("gentle_daxwug_impl_first", g / "daxwug_impl_first" / "metrics.json", lambda: graft.impl_first(s, g, log)),
-            ("gentle_daxwug_joint", g / "daxwug_joint" / "metrics.json",
-             fine(g / "daxwug_joint", dataset="daxwug", order="joint")),
-            ("gentle_daxwug_facts_first_replay", g / "daxwug_facts_first_replay" / "metrics.json",
-             fine(g / "daxwug_facts_first_replay", dataset="daxwug", order="facts_first_replay"))]
+    s = dataclasses.replace(s, lr=cell[0], epochs=cell[1])
+    return graft_and_orderings(model, s, sweep.gentle_dir(w, cell), base, device, prefix="gentle_")
 
 
 def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
@@ -155,14 +159,13 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
             loaded.append(from_pretrained(model, device=device))
         return loaded[0]
 
-    settings = lambda seed: train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
     for seed in seeds:
         w = work / f"seed{seed}"
         dist.on_main(work_dir, w, "report-work")
         if not grid_only:
             run_list(seed, w, stages(model, seed, w, base, device))
         if grid or grid_only:
-            run_list(seed, w / "grid", sweep.grid_stages(settings(seed), w, base, log))
+            run_list(seed, w / "grid", sweep.grid_stages(seed_settings(model, seed, device), w, base, log))
     if grid and not grid_only:
         cell = sweep.gentlest(sweep.collect_grid(work, seeds), sweep.base_impl(work, seeds))
         if cell is None:
@@ -171,7 +174,7 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
         log(f"grid: the gentle cell is lr {cell[0]:g} x {cell[1]} epochs")
         for seed in seeds:
             w = work / f"seed{seed}"
-            run_list(seed, w, gentle_stages(model, settings(seed), w, base, device, cell))
+            run_list(seed, w, gentle_stages(model, seed_settings(model, seed, device), w, base, device, cell))
 
 
 def run_list(seed, w, todo):

@@ -19,6 +19,7 @@ that chooses another cell never mixes with an earlier one).
 import dataclasses
 
 import dist
+import paper
 import train
 from claims import HOPS, LEARNED, CLEAR, consistent, fmt, fmt_diff
 from checkpoint import read_json
@@ -138,18 +139,19 @@ def heatmaps(plt, res):
     fig, axes = plt.subplots(2, 2, figsize=(8.5, 7))
     for row, hop in zip(axes, HOPS):
         for ax, kind in zip(row, ("fact", "impl")):
-            m = np.array([[mean(grid[hop][f"{lr:g}:{ep}"][kind]) if mean(grid[hop][f"{lr:g}:{ep}"][kind]) is not None
-                           else np.nan for ep in EPOCHS] for lr in LRS])
-            im = ax.imshow(m, vmin=0, vmax=2 * 9.5, cmap="viridis_r")
-            for i in range(len(LRS)):
-                for j in range(len(EPOCHS)):
-                    ax.text(j, i, "div" if np.isnan(m[i, j]) else f"{m[i, j]:.1f}", ha="center", va="center",
-                            fontsize=8, color="white" if np.isnan(m[i, j]) or m[i, j] > 9 else "black")
+            cells = [[grid[hop][f"{lr:g}:{ep}"] for ep in EPOCHS] for lr in LRS]
+            m = np.array([[np.nan if mean(c[kind]) is None else mean(c[kind]) for c in row_] for row_ in cells])
+            im = ax.imshow(m, vmin=0, vmax=2 * paper.CHANCE, cmap="viridis_r")
+            for i, row_ in enumerate(cells):
+                for j, c in enumerate(row_):
+                    text = ("div" if any(c["diverged"]) else "—") if np.isnan(m[i, j]) else f"{m[i, j]:.1f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                            color="white" if np.isnan(m[i, j]) or m[i, j] > paper.CHANCE else "black")
             ax.set(xticks=range(len(EPOCHS)), xticklabels=EPOCHS, yticks=range(len(LRS)),
                    yticklabels=[f"{lr:g}" for lr in LRS], xlabel="epochs", ylabel="peak lr" if kind == "fact" else "",
                    title=f"{hop.replace('_', '-')}: {'facts' if kind == 'fact' else 'implications'}")
             ax.title.set_fontsize(9)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="mean rank (chance 9.5)")
+    fig.colorbar(im, ax=axes, shrink=0.6, label=f"mean rank (chance {paper.CHANCE})")
     fig.suptitle(f"mean over {len(res['seeds'])} seed(s)", fontsize=8)
     return fig
 
