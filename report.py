@@ -95,15 +95,10 @@ def of_base(base, out, measure, *args):
     dist.on_main(write_json, out, measure(m, load_tokenizer(m.source), *args))
 
 
-def seed_settings(model, seed, device):
-    """train.py's defaults for one seed of the report (lr None: train.default_lr)."""
-    return train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads())
-
-
 def stages(model, seed, w, base, device):
     """(name, output that marks it done, action) for one seed, cheapest first. `base()`: the base model, loaded
     once when a stage first needs it."""
-    s = seed_settings(model, seed, device)
+    s = graft.work_settings(model, seed, device)
     fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
     out = [("preconditions", w / "preconditions.json",
             lambda: of_base(base, w / "preconditions.json", preconditions.base_knowledge, seed))]
@@ -165,7 +160,7 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
         if not grid_only:
             run_list(seed, w, stages(model, seed, w, base, device))
         if grid or grid_only:
-            run_list(seed, w / "grid", sweep.grid_stages(seed_settings(model, seed, device), w, base, log))
+            run_list(seed, w / "grid", sweep.grid_stages(graft.work_settings(model, seed, device), w, base, log))
     if grid and not grid_only:
         cell = sweep.gentlest(sweep.collect_grid(work, seeds), sweep.base_impl(work, seeds))
         if cell is None:
@@ -174,7 +169,7 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
         log(f"grid: the gentle cell is lr {cell[0]:g} x {cell[1]} epochs")
         for seed in seeds:
             w = work / f"seed{seed}"
-            run_list(seed, w, gentle_stages(model, seed_settings(model, seed, device), w, base, device, cell))
+            run_list(seed, w, gentle_stages(model, graft.work_settings(model, seed, device), w, base, device, cell))
 
 
 def run_list(seed, w, todo):
