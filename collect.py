@@ -103,6 +103,18 @@ def orders_and_graft(dirs):
     return out
 
 
+def exact_summary(path):
+    """exact.py's comparison (eqs. 1-3 against 4-6) without its per-component tables: per ablation and kind, Pearson
+    r over all components, MLPs and heads; the sum identity; None if it has not run."""
+    ex = read_json(path)
+    if not ex:
+        return None
+    keep = ("pearson_r", "pearson_r_mlp", "pearson_r_heads")
+    return {"settings": ex["settings"], "sum_identity": ex["sum_identity"],
+            **{a: {kind: {k: v[k] for k in keep} for kind, v in ex[a].items()}
+               for a in ("full_ablation", "scaled_ablation")}}
+
+
 def salience_pooled(per_seed):
     """Per hop: Spearman's rho of the base model's known-hop margin (and rank) against the finetune's implication
     rank, ranked within seed and pooled over seeds with a within-seed permutation test (stats.spearman_pooled)."""
@@ -171,6 +183,7 @@ def collect(model, seeds, work):
     del og["settings"]
     res.update(og)
     res["salience"] = salience_pooled(salience)
+    res["exact"] = exact_summary(work / f"seed{seeds[0]}" / "exact_first_hop" / "exact.json") if seeds else None
     res["grid"] = sweep.collect_grid(work, seeds)
     cell = sweep.gentlest(res["grid"], res["table2"]["All"]["first_hop"]["impl"])
     gentle = orders_and_graft([sweep.gentle_dir(work / f"seed{s}", cell) for s in seeds]) if cell else None

@@ -139,7 +139,7 @@ def swap(records):
 def per_entry(model_a, model_b, tok, examples, kind):
     """Linearized `kind` scores (scores.py, eqs. 4-9) averaged over prompts on the anchor's positions, in the
     authors' units: one entry per position x layer (MLPs, (Ta, L)) and position x layer x head (heads, (Ta, L, H))."""
-    sc, _, _ = scores.score(model_a, model_b, tok, examples, log=lambda *_: None)
+    sc, _, _ = scores.score(model_a, model_b, tok, examples, log=lambda *_: None, upstream=False)
     return sc[f"{kind}.mlp"], sc[f"{kind}.attn"]
 
 
@@ -197,7 +197,8 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     # the four trainings (Sec. 6.2), then the OCR finetune of W_F,ImplF on the test facts (for Fig. 6)
     m_f = timed("W_F", lambda: train_stage(start, F, IF, out / "W_F", s, log))
     m_fi = timed("W_F_ImplF", lambda: train_stage(out / "W_F", IF, F, out / "W_F_ImplF", s, log))
-    timed("W_Fp", lambda: train_stage(start, Fp, IFp, out / "W_Fp", s, log))
+    # W_F' is read only at its end (Table 3, Fig. 6): ranks after the last epoch only
+    timed("W_Fp", lambda: train_stage(start, Fp, IFp, out / "W_Fp", dataclasses.replace(s, eval="final"), log))
     timed("W_ImplF", lambda: train_stage(start, IF, F, out / "W_ImplF", s, log))
     m_ft = timed("W_F_ImplF_test", lambda: train_stage(out / "W_F_ImplF", d["test_facts"], d["test_impls"],
                                                         out / "W_F_ImplF_test", s, log))

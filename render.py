@@ -100,6 +100,7 @@ def render(res, figures):
                  f"share at the last token {cell(get('inf_last'), n)}; downstream share at the last token in late "
                  f"layers {cell(get('down_late_last'), n)}")
     L += ["", "(heatmaps: the first seed's)", ""] + [img(f"fig3_{hop}", f"Fig. 3 {hop}") + "\n" for hop in HOPS]
+    L += exact_section(res)
     L += ["## Table 2: freezing", "", "| frozen | 1st fact | paper | 1st impl | paper | 2nd fact | paper | 2nd impl | paper |",
           "|---|---|---|---|---|---|---|---|---|"]
     for row in paper.TABLE2:
@@ -230,6 +231,32 @@ def gentle_section(res):
         L.append(f"| {a['title']} | {a['precondition']} | **{a['verdict']}** | {a['evidence']} |")
     L += ["", "### Fig. 4 at the gentle cell", ""] + fig4_table(rg) + ["", "### Table 3 at the gentle cell", ""]
     return L + table3_table(rg) + [""]
+
+
+def exact_section(res):
+    """How well the linearized scores (eqs. 4-6) approximate the exact ones (eqs. 1-3) on the first seed."""
+    ex = res.get("exact")
+    if not ex:
+        return []
+    st, a = ex["settings"], ex["settings"]["ablation_scale"]
+    r = lambda d: "—" if d is None else f"{d['pearson_r']:+.2f} (MLPs {d['pearson_r_mlp']:+.2f}, heads " \
+        f"{d['pearson_r_heads']:+.2f})"
+    full, scaled = ex["full_ablation"], ex["scaled_ablation"]
+    L = ["### Exact against linearized scores", "",
+         f"`exact.py` on the first seed's first-hop finetune, {st['n_prompts']} implication prompts: each MLP and head "
+         "intervened on for real (eqs. 1-3), scores summed over positions, Pearson r over all components "
+         f"against the linearized scores (eqs. 4-6). Upstream once with the full mean ablation y -> y* and once "
+         f"scaled to {a:g} of the way (exact / {a:g}), where eq. 6, first-order in the ablation, should hold; "
+         "`upstream` is eq. 6 as the paper defines it (only later weights at W'), `upstream (authors)` the authors' "
+         "code (the gradient of the full pass at W').", "",
+         "| score | r, full ablation | r, ablation scaled |", "|---|---|---|"]
+    for kind, label in (("informative", "informative (eq. 1 vs 4)"), ("downstream", "downstream (eq. 2 vs 5)"),
+                        ("upstream", "upstream (eq. 3 vs 6)"), ("upstream_authors", "upstream (authors)")):
+        L.append(f"| {label} | {r(full.get(kind))} | {r(scaled.get(kind)) if kind.startswith('up') else '—'} |")
+    si = ex["sum_identity"]
+    pairs = ", ".join(f"{p:+.2f} vs {q:+.2f}" for p, q in zip(si["informative_sum"], si["actual_dR"]))
+    return L + ["", f"Sum identity (eq. 4 as a whole): the informative scores of every component summed against the "
+                    f"actual change R(W') - R(W), per prompt: {pairs}.", ""]
 
 
 def salience_section(res):

@@ -24,6 +24,8 @@ ranks agree on whether it worked (dist.agree) before the next one:
     preconditions.json             preconditions.base_knowledge: does the base model know the hops the claims need
     salience.json                  preconditions.salience: per implication, the base model's knowledge of the known
                                    hop against the finetune's rank (Ghosal et al., beyond the paper)
+    exact_first_hop                seed 0 only: exact.run, eqs. 1-3 by real interventions against the linearized
+                                   scores, with the full and a scaled ablation, and the sum identity
 With --grid, each seed's lr x epochs cells follow its stages, then Fig. 4, Table 3 and Fig. 6 again at the grid's
 gentlest cell (sweep.py).
 Then collect.collect() reads those outputs into results.json (every number per seed), claims.py judges each claim
@@ -42,6 +44,7 @@ import torch
 import cli
 import data
 import dist
+import exact
 import graft
 import preconditions
 import scores
@@ -113,6 +116,9 @@ def stages(model, seed, w, base, device):
             out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
     out.append(("salience", w / "salience.json", lambda: of_base(
         base, w / "salience.json", preconditions.salience, {hop: w / hop for hop in HOPS}, seed, device)))
+    if seed == 0:           # eqs. 1-3 by real interventions, on 4 prompts: about 20 min here, so one seed
+        out.append(("exact_first_hop", w / "exact_first_hop" / "exact.json", lambda: exact.run(
+            model, w / "first_hop", w / "exact_first_hop", device=device, log=log)))
     return out + graft_and_orderings(model, s, w, base, device)
 
 
@@ -136,10 +142,11 @@ def gentle_stages(model, s: train.Settings, w, base, device, cell):
     return graft_and_orderings(model, s, sweep.gentle_dir(w, cell), base, device, prefix="gentle_")
 
 
-def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
+def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, all_seeds=None):
     """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json (the grid's
     to seed{s}/grid/stage_times.json, so that `--grid-only` in a second process never writes the same file).
-    Under torchrun every rank calls it (the module docstring)."""
+    The gentle cell is chosen on the grids of `all_seeds` (default `seeds`: `--only-seeds` runs some of the
+    report's seeds). Under torchrun every rank calls it (the module docstring)."""
     device = dist.init(device)                                    # torchrun: join the process group, if not yet
     if dist.world_size() > 1:                                     # before any stage: as many ranks as blocks at most
         dist.check_layers(load_config(resolve(model)).n_layers, "report.py")
@@ -162,7 +169,8 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False):
         if grid or grid_only:
             run_list(seed, w / "grid", sweep.grid_stages(graft.work_settings(model, seed, device), w, base, log))
     if grid and not grid_only:
-        cell = sweep.gentlest(sweep.collect_grid(work, seeds), sweep.base_impl(work, seeds))
+        every = all_seeds or seeds
+        cell = sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
         if cell is None:
             log("grid: incomplete, or no first-hop cell shows OCR: no gentle cell, its stages are skipped")
             return
@@ -243,7 +251,8 @@ def main(argv=None):
     p.add_argument("--grid-only", action="store_true", help="run only the grid's cells and write no report (e.g. in "
                    "a second process beside `report.py`; a later `report.py --grid` reuses them)")
     p.add_argument("--only-seeds", type=seed_list, default=None, metavar="S,S,...",
-                   help="run only these seeds' stages and write no report (e.g. one process a seed, each with "
+                   help="run only these seeds' stages (with --grid: their cells, and their gentle-cell stages once "
+                        "every seed's grid is done) and write no report (e.g. one process a seed, each with "
                         "--threads 1; a later `report.py --render-only` writes the report)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
     p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
@@ -266,8 +275,7 @@ def main(argv=None):
         if not partial:                                            # before hours of stages, not after
             dist.on_main(check_output, out, "report", args.overwrite, log=log)
         if not args.render_only:
-            run_stages(model, args.only_seeds or seeds, work, device, args.grid and not args.only_seeds,
-                       args.grid_only)
+            run_stages(model, args.only_seeds or seeds, work, device, args.grid, args.grid_only, seeds)
         if partial:
             return log(f"stages done in {time.time() - t0:.0f} s; `report.py --render-only` (or --grid) writes the "
                        f"report")

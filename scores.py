@@ -173,9 +173,10 @@ def late_gradients(model_a, model_b, b, ta, log=lambda *_: None):
     return g_attn, g_mlp
 
 
-def linearized(model_a, model_b, b, log=lambda *_: None):
+def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
     """Per-prompt, per-position scores: dict of (N, T, L) for MLPs and (N, T, L, H) for heads. Keys
-    {informative, downstream, upstream, upstream_authors}.{mlp, attn}. `log` hears after each pass."""
+    {informative, downstream, upstream, upstream_authors}.{mlp, attn}; with upstream=False only the first two,
+    without eq. 6's partial passes (most of the time). `log` hears after each pass."""
     cfg = model_a.config
     H, K, E, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     G = H // K
@@ -184,11 +185,15 @@ def linearized(model_a, model_b, b, log=lambda *_: None):
     t0 = time.time()
     ta = record(model_a, b)                                        # pass 1, at W
     log(f"  pass 1/3 (forward and backward at W) done, {time.time() - t0:.0f} s")
-    tb = record(model_b, b)                                        # pass 2, at W'
-    log(f"  pass 2/3 (forward and backward at W') done, {time.time() - t0:.0f} s")
-    g_attn, g_mlp = late_gradients(model_a, model_b, b, ta, log)  # eq. 6's g', W_late <- W'_late
-    log(f"  eq. 6's partial passes ({L} layers) done, {time.time() - t0:.0f} s; pass 3/3 and the scores per layer")
-    kinds = ("informative", "downstream", "upstream", "upstream_authors")
+    if upstream:
+        tb = record(model_b, b)                                    # pass 2, at W'
+        log(f"  pass 2/3 (forward and backward at W') done, {time.time() - t0:.0f} s")
+        g_attn, g_mlp = late_gradients(model_a, model_b, b, ta, log)  # eq. 6's g', W_late <- W'_late
+        log(f"  eq. 6's partial passes ({L} layers) done, {time.time() - t0:.0f} s; pass 3/3, the scores per layer")
+    else:                                                          # pass 2 as eq. 5 needs it: W' activations only
+        with torch.no_grad():
+            rewards(model_b, b, tb := Taps())
+    kinds = ("informative", "downstream") + (("upstream", "upstream_authors") if upstream else ())
     out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")}
     with torch.no_grad():
         for l in range(L):
@@ -229,18 +234,18 @@ def linearized(model_a, model_b, b, log=lambda *_: None):
             gz = grad(ta, "z")                                     # (N, T, H*E) = g_attn_out W_o
             down_h = per_head(gz, tc[p + "z"] - a("z"))            # eq. 5/8
             down_m = (grad(ta, "mlp_out") * (tc[p + "mlp_out"] - a("mlp_out"))).sum(-1)
-            # upstream: (g' - g) . (y - y*), with the head's write through W_o at W                 eq. 6/9
-            dz = a("z") - aligned_mean_of_others(a("z"), b.pos, b.Ta)
-            dy = a("mlp_out") - aligned_mean_of_others(a("mlp_out"), b.pos, b.Ta)
-            Wo = block.self_attn.o_proj.weight
-            up_h = per_head((g_attn[l] - grad(ta, "attn_out")) @ Wo, dz)                 # g' with W_late <- W'_late
-            up_m = ((g_mlp[l] - grad(ta, "mlp_out")) * dy).sum(-1)
-            upa_h = per_head((grad(tb, "attn_out") - grad(ta, "attn_out")) @ Wo, dz)   # authors: g' from all of W'
-            upa_m = ((grad(tb, "mlp_out") - grad(ta, "mlp_out")) * dy).sum(-1)
-
-            for key, v in (("informative.mlp", inf_m), ("informative.attn", inf_h), ("downstream.mlp", down_m),
-                           ("downstream.attn", down_h), ("upstream.mlp", up_m), ("upstream.attn", up_h),
-                           ("upstream_authors.mlp", upa_m), ("upstream_authors.attn", upa_h)):
+            got = {"informative.mlp": inf_m, "informative.attn": inf_h, "downstream.mlp": down_m,
+                   "downstream.attn": down_h}
+            if upstream:
+                # upstream: (g' - g) . (y - y*), with the head's write through W_o at W                 eq. 6/9
+                dz = a("z") - aligned_mean_of_others(a("z"), b.pos, b.Ta)
+                dy = a("mlp_out") - aligned_mean_of_others(a("mlp_out"), b.pos, b.Ta)
+                Wo = block.self_attn.o_proj.weight
+                got["upstream.attn"] = per_head((g_attn[l] - grad(ta, "attn_out")) @ Wo, dz)  # W_late <- W'_late
+                got["upstream.mlp"] = ((g_mlp[l] - grad(ta, "mlp_out")) * dy).sum(-1)
+                got["upstream_authors.attn"] = per_head((grad(tb, "attn_out") - grad(ta, "attn_out")) @ Wo, dz)
+                got["upstream_authors.mlp"] = ((grad(tb, "mlp_out") - grad(ta, "mlp_out")) * dy).sum(-1)  # all W'
+            for key, v in got.items():
                 out[key].append(v.float())
     return {k: torch.stack(v, dim=2) for k, v in out.items()}     # (N, T, L) or (N, T, L, H)
 
@@ -310,8 +315,9 @@ def dataset_of(ckpt_b, dataset=None, seed=None):
     return dataset, seed if seed is not None else meta.get("seed", 0)
 
 
-def score(model_a, model_b, tok, examples, log=print):
-    """Every linearized score, averaged over prompts on the anchor's positions: ({key: (Ta, L[, H])}, tokens).
+def score(model_a, model_b, tok, examples, log=print, upstream=True):
+    """Every linearized score (upstream=False: informative and downstream only), averaged over prompts on the
+    anchor's positions: ({key: (Ta, L[, H])}, tokens).
     Under torchrun each rank runs the three batched passes on its share of the prompts (aligned on all of them;
     y* of eq. 6 sums over every rank's prompts); the per-prompt sums are added over the ranks."""
     b = make_prompts(tok, examples, next(model_a.parameters()).device)
@@ -320,9 +326,9 @@ def score(model_a, model_b, tok, examples, log=print):
     if N < n_ranks:
         raise UserError(f"{N} prompts for {n_ranks} processes: launch at most {N} (torchrun --nproc_per_node {N})")
     mine = b.subset(torch.arange(N, device=b.ids.device).chunk(n_ranks)[dist.rank()]) if n_ranks > 1 else b
-    log(f"scoring {N} prompts ({T} positions): 3 batched passes and one partial pass per layer (eq. 6)"
-        + (f", {n_ranks} processes" if n_ranks > 1 else ""))
-    lin = linearized(model_a, model_b, mine, log)
+    log(f"scoring {N} prompts ({T} positions): 3 batched passes" + (" and one partial pass per layer (eq. 6)"
+        if upstream else "") + (f", {n_ranks} processes" if n_ranks > 1 else ""))
+    lin = linearized(model_a, model_b, mine, log, upstream)
     tokens = [tok.decode([i]) for i in b.ids[b.anchor, :b.Ta].tolist()]        # readable labels
     n_mine = mine.ids.shape[0]
     if n_ranks == 1:
@@ -355,10 +361,11 @@ def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", devi
     splits = data.load_dataset(dataset, seed=seed)
     if split not in splits:
         raise UserError(f"dataset {dataset!r} has no split {split!r} (it has {', '.join(splits)})")
-    check_output(out, "scores", overwrite, inputs=[resolve(ckpt_a), resolve(ckpt_b)], log=log)  # before the passes
     if dist.launched() > 1:                                       # torchrun: a share of the prompts per rank
         device = dist.init(device)
         log = dist.main_log(log)
+    # before the passes; rank 0 alone, as it alone writes (a leftover of a killed run is cleaned once)
+    dist.on_main(check_output, out, "scores", overwrite, inputs=[resolve(ckpt_a), resolve(ckpt_b)], log=log)
     model_a, model_b, tok = load_pair(ckpt_a, ckpt_b, device, log)
     sc, tokens, b = score(model_a, model_b, tok, splits[split], log)
     if not dist.is_main():

@@ -392,7 +392,9 @@ def main(argv=None):
 
     def work():
         inputs = [x for x in (s.dataset, s.model) if Path(x).exists()]   # --out must not replace these
-        check_output(s.out, "checkpoint", s.overwrite, inputs)    # before the model loads, not after training
+        s.device = dist.init(s.device)                            # torchrun: the process group, so that ...
+        dist.on_main(check_output, s.out, "checkpoint", s.overwrite, inputs)   # ... rank 0 alone checks (and cleans
+        # a killed run's leftovers), before the model loads, not after training
         model, metrics = run(s)
         save(model, s.out, metrics, s.overwrite, inputs)
         if dist.is_main():

@@ -213,6 +213,22 @@ def test_a_failed_save_on_rank_0_ends_every_rank(tmp_path, tiny3, small_json):
     assert sorted(f.name for f in out.iterdir()) == ["notes.txt"]                          # nothing of the user's lost
 
 
+@pytest.mark.distributed
+def test_a_rank_failing_inside_a_training_step_ends_the_launch(tmp_path, tiny3, small_json):
+    """tests/torchrun_launch.py train-step-fails: the last rank raises inside a sharded step while rank 0 is in the
+    step's collectives, which it never leaves by itself; torchrun's agent sees the failed rank and stops the others
+    (SIGTERM), so the launch ends within seconds with that rank's error and no checkpoint, not at the process
+    group's timeout (30 min for gloo)."""
+    out = tmp_path / "out"
+    p = torchrun(2, "tests/torchrun_launch.py", "train-step-fails", "--model", str(tiny3), "--dataset", small_json,
+                 "--epochs", "2", "--lr", "1e-2", "--device", "cpu", "--threads", "1", "--out", str(out),
+                 cwd=tmp_path, timeout=120)
+    assert p.returncode != 0
+    assert "finetune epoch  1/2" in p.stdout and "epoch  2/2" not in p.stdout      # failed in epoch 2's first step
+    assert "RuntimeError: a test failure inside a training step on the last rank" in p.stderr
+    assert not out.exists()
+
+
 def test_sharded_checkpoint_loads(tmp_path, make_tiny):
     """write_checkpoint above shard_bytes: model-0000i-of-0000n.safetensors + model.safetensors.index.json, which
     from_pretrained and transformers read; a marker of ours still owns the directory (is_ours)."""

@@ -117,11 +117,23 @@ def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
 
 
 def test_only_seeds_runs_those_seeds_and_writes_no_report(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(R, "run_stages", lambda model, seeds, work, device, grid, grid_only: calls.append((seeds, grid)))
+    calls, run_stages = [], R.run_stages
+    monkeypatch.setattr(R, "run_stages", lambda model, seeds, work, device, grid, grid_only, every:
+                        calls.append((seeds, grid, every)))
     out = tmp_path / "out"
     R.main(["--only-seeds", "2,1", "--seeds", "3", "--grid", "--out", str(out), "--work", str(tmp_path / "w")])
-    assert calls == [([1, 2], False)] and not out.exists()        # those seeds, no report, no gentle cell
+    assert calls == [([1, 2], True, [0, 1, 2])] and not out.exists()   # those seeds, no report
+    # their gentle-cell stages at the cell chosen on every seed's grid, not on theirs alone
+    chosen, ran = [], []
+    monkeypatch.setattr(R, "stages", lambda *a: [])
+    monkeypatch.setattr(R.sweep, "grid_stages", lambda *a: [])
+    monkeypatch.setattr(R.sweep, "collect_grid", lambda work, seeds: chosen.append(seeds) or {})
+    monkeypatch.setattr(R.sweep, "base_impl", lambda work, seeds: chosen.append(seeds) or 9.0)
+    monkeypatch.setattr(R.sweep, "gentlest", lambda grid, base: (1e-4, 12))
+    monkeypatch.setattr(R, "gentle_stages", lambda model, s, w, base, device, cell: ran.append((w.name, cell)) or [])
+    monkeypatch.setattr(R, "from_pretrained", lambda *a, **k: None)
+    run_stages("m", [2], tmp_path / "w", grid=True, all_seeds=[0, 1, 2])
+    assert chosen == [[0, 1, 2]] * 2 and ran == [("seed2", (1e-4, 12))]
     for bad, msg in ((["--only-seeds", "3", "--seeds", "3"], "seeds are 0..2"), (["--only-seeds", "a"], "integers")):
         with pytest.raises(SystemExit) as e:
             R.main(bad)

@@ -145,6 +145,15 @@ def test_padding_and_batching_do_not_change_scores(tmp_path):
         assert (lin2[k][:, p.ids.shape[1]:] == 0).all()
 
 
+def test_without_upstream_the_other_scores_are_the_same(tmp_path):
+    """upstream=False (Fig. 6's per_entry) skips eq. 6's passes and pass 2's backward, and nothing else."""
+    a, b = tiny_pair(tmp_path)
+    full, part = S.linearized(a, b, prompts()), S.linearized(a, b, prompts(), upstream=False)
+    assert set(part) == {f"{k}.{c}" for k in ("informative", "downstream") for c in ("mlp", "attn")}
+    for k in part:
+        assert torch.equal(part[k], full[k]), k
+
+
 def test_mlp_informative_counts_all_three_maps(tmp_path):
     """Changing only up_proj must show up in the MLP informative score (the reference implementation drops it)."""
     a, b = tiny_pair(tmp_path, eps=0.0)

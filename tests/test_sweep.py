@@ -165,7 +165,7 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     assert not failed, failed
     assert len([k for k in times if k.startswith("grid_")]) == 2 * 2 * 2
     assert {"gentle_graft", "gentle_daxwug_impl_first", "gentle_daxwug_joint",
-            "gentle_daxwug_facts_first_replay", "salience", "daxwug_facts_first_replay"} <= set(times)
+            "gentle_daxwug_facts_first_replay", "salience", "daxwug_facts_first_replay", "exact_first_hop"} <= set(times)
     g = json.loads((sweep.gentle_dir(work / "seed0", (3e-3, 1)) / "graft" / "results.json").read_text())
     assert g["settings"]["lr"] == 3e-3 and g["settings"]["epochs"] == 1
     res = R.write_report(str(tiny_dir), [0], work, out)
@@ -174,3 +174,6 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     assert "| 0 | grid (8 of 8 cells ok) | ok |" in text                 # the stage times: one row for the grid
     assert res["fig4"]["facts_first_replay"][0] and res["salience"]["second_hop"]["n"] == 20
     assert len(R.verdicts(res)) == 8 and not any(v == "missing" for _, v, _, _ in R.verdicts(res))
+    ex = json.loads((work / "seed0" / "exact_first_hop" / "exact.json").read_text())["full_ablation"]["informative"]
+    section = text.split("### Exact against linearized scores")[1].split("##")[0]
+    assert f"| informative (eq. 1 vs 4) | {ex['pearson_r']:+.2f} (MLPs {ex['pearson_r_mlp']:+.2f}" in section

@@ -7,11 +7,14 @@ tests' hooks here rather than in the scripts:
                                                 directory); the ranks must record both failures and go on together
     torchrun_launch.py train-save-fails ARGS    train.py ARGS, with rank 0's --out made a user's directory after the
                                                 training, so that only rank 0's save fails; every rank must end
+    torchrun_launch.py train-step-fails ARGS    train.py ARGS, the last rank raising inside its third training step
 """
 import dataclasses
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,8 +75,20 @@ def train_save_fails(argv):
         raise
 
 
+def train_step_fails(argv):
+    """train.py ARGS with the last rank's third training step raising, inside the sharded step (before its
+    backward's collectives), while the other ranks go on into theirs."""
+    loss, calls = train.answer_loss, []
+
+    def failing(*a, **k):
+        calls.extend([1] if torch.is_grad_enabled() else [])      # training steps, not the epoch-0 loss
+        if len(calls) == 3 and dist.rank() == dist.world_size() - 1 and torch.is_grad_enabled():
+            raise RuntimeError("a test failure inside a training step on the last rank")
+        return loss(*a, **k)
+    train.answer_loss = failing
+    train.main(argv)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "report":
-        shrunk_report(*sys.argv[2:4])
-    else:
-        train_save_fails(sys.argv[2:])
+    {"report": lambda a: shrunk_report(*a[:2]), "train-save-fails": train_save_fails,
+     "train-step-fails": train_step_fails}[sys.argv[1]](sys.argv[2:])
