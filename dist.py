@@ -1,8 +1,8 @@
 """Several processes, one model: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) under `torchrun`.
 
     torchrun --nproc_per_node N train.py ...       # N processes (GPUs), the blocks sharded over them
-    torchrun --nproc_per_node N scores.py ...      # the prompts shared among them
-    torchrun --nproc_per_node N report.py ...      # every training stage sharded (graft.py --experiment too)
+    torchrun --nproc_per_node N scores.py ...      # W and W' sharded, the prompts shared among the ranks
+    torchrun --nproc_per_node N report.py ...      # every stage's models sharded (graft.py --experiment too)
 
 What is sharded: every transformer block is one `fully_shard` unit (its weights, gradients and Adam moments
 split over the N ranks along dim 0; all-gathered for its forward and backward, gradients reduce-scattered);
@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.distributed as torch_dist
 
-from checkpoint import UserError, load_config, resolve, weights
+from checkpoint import UserError, from_pretrained, load_config, resolve, weights
 from model import Transformer
 
 
@@ -132,6 +132,29 @@ def load_sharded(name_or_path, device, dtype=torch.float32):
         raise UserError(f"{path}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     model.source = path
     return model.eval()
+
+
+def layer_by_layer(*models):
+    """`for l in layer_by_layer(a, b)`: the layer indices, with layer l of every model whole during iteration l
+    (FSDP2's unshard: all-gathered, freed before the next), for code that reads a block's weights or calls its
+    parts rather than its forward (scores.py's per-layer passes). Models that are not sharded: just range(L)."""
+    for l in range(len(models[0].layers)):
+        blocks = [m.layers[l] for m in models if hasattr(m.layers[l], "unshard")]
+        for blk in blocks:
+            blk.unshard()
+        try:
+            yield l
+        finally:
+            for blk in blocks:
+                blk.reshard()
+
+
+def load(name_or_path, device):
+    """A frozen fp32 model to evaluate or score: under torchrun sharded over the ranks (load_sharded), so that no
+    rank holds a whole model and every rank must run the same forwards (they do: each evaluates every prompt, and
+    scores.py's passes run the same layers on every rank's share of the prompts); one process:
+    checkpoint.from_pretrained."""
+    return (load_sharded(name_or_path, device) if world_size() > 1 else from_pretrained(name_or_path, device=device))
 
 
 @torch.no_grad()

@@ -216,7 +216,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     ranks = {}
     for label, ckpt in (("W (base)", base), ("W_F'", out / "W_Fp"), ("W_graft", out / "W_graft"),
                         ("W~_graft", out / "W_graft_control")):
-        m = from_pretrained(ckpt, device=device)
+        m = dist.load(ckpt, device)
         ranks[label] = {c: data.mean_rank(m, tok, ex) for c, ex in zip(TABLE3_COLS, (IFp, IF, Fp))}
         log(f"[graft] {label:9s} " + "  ".join(f"{c} {v:5.2f}" for c, v in ranks[label].items()))
         del m
@@ -229,7 +229,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     # averaged over prompts, entry by entry as the authors correlate them (position x layer for MLPs, position x
     # layer x head for heads); Pearson r over the entries, separately for MLPs and heads.
     t = time.time()
-    load = lambda p: from_pretrained(p, device=device).requires_grad_(False)
+    load = lambda p: dist.load(p, device).requires_grad_(False)
     down = per_entry(load(out / "W_F_ImplF"), load(out / "W_F_ImplF_test"), tok, d["test_impls"], "downstream")
     inf = per_entry(load(out / "W_Fp"), load(out / "W_graft"), tok, IFp, "informative")
     fig6 = {}

@@ -12,6 +12,7 @@ Components for the scores (paper Sec. 4) are read and replaced through `Taps`: a
 named activations (`layers.{i}.{place}`), see the "taps" section below.
 """
 import math
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -158,8 +159,9 @@ class Config:
 
 # --- taps: reading and replacing named activations ------------------------------------------------
 
-class Taps(dict):
-    """Activations by name, `layers.{i}.{place}`, filled during a forward pass.
+class Taps(MutableMapping):
+    """Activations by name, `layers.{i}.{place}`, filled during a forward pass. A mapping, not a dict subclass:
+    FSDP2 (dist.py) rebuilds the dicts among a sharded block's arguments, which would record into a copy.
 
     Places (TransformerLens names): resid_pre, attn_in (normed input of q/k/v), q, k, v (projection
     outputs before RoPE, (B, T, H*E) and (B, T, K*E)), z (input of o_proj, (B, T, H*E): the heads'
@@ -170,9 +172,22 @@ class Taps(dict):
     """
 
     def __init__(self, patch=None, grads=False):
-        super().__init__()
-        self.patch = patch or {}
-        self.grads = grads
+        self.seen, self.patch, self.grads = {}, patch or {}, grads
+
+    def __getitem__(self, name):
+        return self.seen[name]
+
+    def __setitem__(self, name, x):
+        self.seen[name] = x
+
+    def __delitem__(self, name):
+        del self.seen[name]
+
+    def __iter__(self):
+        return iter(self.seen)
+
+    def __len__(self):
+        return len(self.seen)
 
     def __call__(self, name, x):
         if name in self.patch:

@@ -13,7 +13,7 @@ known hop (its logit margin and rank on the pair's own city -> language or landm
 that implication after the finetune. report.py writes it to seed{s}/salience.json; collect.py correlates them.
 """
 import data
-from checkpoint import from_pretrained
+import dist
 
 
 def city_language(city, language):
@@ -76,7 +76,7 @@ def salience(base_model, tok, finetunes, seed=0, device="cpu"):
     for hop, ckpt in finetunes.items():
         b_rank, b_margin = per_prompt(base_model, tok, known[hop])
         impl = data.load_dataset(hop, seed=seed)["implications"]
-        i_rank, _ = per_prompt(from_pretrained(ckpt, device=device), tok, impl)   # data.last_logits: no_grad
+        i_rank, _ = per_prompt(dist.load(ckpt, device), tok, impl)   # data.last_logits: no_grad
         out[hop] = {"prompts": [e.prompt for e in impl], "known_prompts": [e.prompt for e in known[hop]],
                     "base_rank": b_rank, "base_margin": b_margin, "impl_rank": i_rank}
     return out

@@ -7,9 +7,9 @@ Stages, per seed s, each a directory or file under --work/seed{s}, run in this p
 (train.run, scores.run, graft.experiment), and skipped when their output already exists (a failed stage is
 recorded and the rest go on). Under torchrun every rank runs every stage: the training stages load their model
 sharded over the ranks (dist.py) instead of copying a loaded base, which is never kept; the evaluations (the
-preconditions, salience, freeze_post, Table 3) run on a whole model on every rank, the same numbers as one
-process; scores.run and Fig. 6 share the prompts out; rank 0 alone logs and writes, and after every stage the
-ranks agree on whether it worked (dist.agree) before the next one:
+preconditions, salience, freeze_post, Table 3) run on models sharded the same way (dist.load), every rank on every
+prompt, the same numbers as one process; scores.run and Fig. 6 shard W and W' and share the prompts out; rank 0
+alone logs and writes, and after every stage the ranks agree on whether it worked (dist.agree) before the next one:
     first_hop, second_hop          train.run: Fig. 2; Table 2 None (last epoch) and All (epoch 0: the base)
     scores_first_hop, _second_hop  scores.run on those finetunes: Fig. 3
     freeze_post_{hop}.json         Table 2 Early / Late: the plain finetune with its early / late layers reset to
@@ -73,7 +73,7 @@ def freeze_post(model, ckpt, hop, seed, out, device):
     tok = load_tokenizer(base)
     res = {}
     for which in ("early", "late"):
-        m = from_pretrained(ckpt, device=device)
+        m = dist.load(ckpt, device)
         m.source = base                         # train.reset_layers copies from model.source: the base W
         layers = train.split_layers(m.config.n_layers, which)
         train.reset_layers(m, layers)
@@ -154,9 +154,9 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, al
 
     def base():
         """The base model. One process: loaded once, and each training stage trains a copy of it. Torchrun: loaded
-        for each evaluation stage that asks and freed after it (the training stages load their own shards)."""
+        sharded for each evaluation stage that asks and freed after it (the training stages load their own)."""
         if dist.world_size() > 1:
-            return from_pretrained(model, device=device)
+            return dist.load(model, device)
         if not loaded:
             loaded.append(from_pretrained(model, device=device))
         return loaded[0]

@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 import cli
 import data
 import dist
-from checkpoint import UserError, check_same_base, from_pretrained, load_tokenizer, read_json, resolve
+from checkpoint import UserError, check_same_base, load_tokenizer, read_json, resolve
+from optim import local as optim_local
 from outputs import atomic_dir, check_output, save_figure
 from kernels.grad_delta import grad_delta
 from model import Taps
@@ -154,7 +155,7 @@ def late_gradients(model_a, model_b, b, ta, log=lambda *_: None):
     last = b.mask.repeat(2, 1).sum(1) - 1                          # (2N,) right padding
     A, B = model_a.layers, model_b.layers
     g_attn, g_mlp = {}, {}
-    for l in range(L):
+    for l in dist.layer_by_layer(model_a, model_b):               # torchrun: layer l's weights whole, then freed
         p = f"layers.{l}."
         t_head, t_mlp = Taps(grads=True), Taps(grads=True)         # each records its own leaf y_c
         h0 = ta[p + "resid_pre"].detach()                          # (N, T, D) at W
@@ -196,7 +197,7 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
     kinds = ("informative", "downstream") + (("upstream", "upstream_authors") if upstream else ())
     out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")}
     with torch.no_grad():
-        for l in range(L):
+        for l in dist.layer_by_layer(model_a, model_b):           # torchrun: layer l's weights whole, then freed
             p = f"layers.{l}."
             a = lambda name: ta[p + name].detach()
             grad = lambda t, name: t[p + name].grad
@@ -299,9 +300,10 @@ def top_components(scores, tokens, k=5):
 def load_pair(ckpt_a, ckpt_b, device, log=print):
     """W and W' as frozen fp32 models, their tokenizer, after checking they share one base."""
     check_same_base([resolve(ckpt_a), resolve(ckpt_b)])
-    log(f"loading {ckpt_a} (W) and {ckpt_b} (W')")
-    model_a = from_pretrained(ckpt_a, device=device).requires_grad_(False)
-    model_b = from_pretrained(ckpt_b, device=device).requires_grad_(False)
+    log(f"loading {ckpt_a} (W) and {ckpt_b} (W')" + (f", each sharded over {dist.world_size()} processes"
+                                                     if dist.world_size() > 1 else ""))
+    model_a = dist.load(ckpt_a, device).requires_grad_(False)      # torchrun: each rank 1/N of each
+    model_b = dist.load(ckpt_b, device).requires_grad_(False)
     return model_a, model_b, load_tokenizer(ckpt_a)
 
 
@@ -377,7 +379,10 @@ def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", devi
                 "reward": "logit(answer first token) - mean over candidates' first tokens",
                 "upstream": "eq. 6 as defined (W_late <- W'_late); upstream_authors: g' from the full pass at W'",
                 "gqa": "k/v informative terms split equally among the query heads sharing the kv head",
-                "world_size": dist.world_size()}
+                "world_size": dist.world_size(),
+                # under torchrun each rank holds its shards of W and W' (dist.load): rank 0's share of the weights
+                "params_this_rank": sum(optim_local(p).numel() for p in model_a.parameters()),
+                "n_params": sum(p.numel() for p in model_a.parameters())}
     lines = write(out, sc, tokens, settings, f"{Path(str(ckpt_b)).name}: {dataset} {split}", overwrite, log)
     log("\n".join(lines))
     log(f"wrote {out}: scores.safetensors, scores.png, summary.txt, settings.json in {time.time() - t0:.1f} s")

@@ -87,7 +87,8 @@ def test_two_processes_train_and_score_as_one(tmp_path, make_tiny, small_json):
     real = mask.bool()
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref[real], ours[real], rtol=1e-4, atol=1e-4)
-    # scores.py under torchrun: each rank a share of the prompts, the same scores as one process
+    # scores.py under torchrun: W and W' sharded over the ranks, each rank a share of the prompts, the same scores
+    # as one process
     p = torchrun(2, "scores.py", str(tiny), str(tmp_path / "two"), "--out", str(tmp_path / "s2"), "--device", "cpu",
                  cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -96,7 +97,8 @@ def test_two_processes_train_and_score_as_one(tmp_path, make_tiny, small_json):
     assert s1.keys() == s2.keys() and len(s1) == 8
     for k in s1:                                                  # sums over prompts in another order: 1e-6
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-6 * float(s1[k].abs().max()))
-    assert json.loads((tmp_path / "s2" / "settings.json").read_text())["world_size"] == 2
+    st = json.loads((tmp_path / "s2" / "settings.json").read_text())
+    assert st["world_size"] == 2 and st["params_this_rank"] < st["n_params"]     # W and W' sharded, not whole
 
 
 @pytest.mark.distributed
