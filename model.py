@@ -12,7 +12,7 @@ Components for the scores (paper Sec. 4) are read and replaced through `Taps`: a
 named activations (`layers.{i}.{place}`), see the "taps" section below.
 """
 import math
-from collections.abc import MutableMapping
+from collections import UserDict
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +159,7 @@ class Config:
 
 # --- taps: reading and replacing named activations ------------------------------------------------
 
-class Taps(MutableMapping):
+class Taps(UserDict):
     """Activations by name, `layers.{i}.{place}`, filled during a forward pass. A mapping, not a dict subclass:
     FSDP2 (dist.py) rebuilds the dicts among a sharded block's arguments, which would record into a copy.
 
@@ -172,22 +172,9 @@ class Taps(MutableMapping):
     """
 
     def __init__(self, patch=None, grads=False):
-        self.seen, self.patch, self.grads = {}, patch or {}, grads
-
-    def __getitem__(self, name):
-        return self.seen[name]
-
-    def __setitem__(self, name, x):
-        self.seen[name] = x
-
-    def __delitem__(self, name):
-        del self.seen[name]
-
-    def __iter__(self):
-        return iter(self.seen)
-
-    def __len__(self):
-        return len(self.seen)
+        super().__init__()
+        self.patch = patch or {}
+        self.grads = grads
 
     def __call__(self, name, x):
         if name in self.patch:
