@@ -24,8 +24,8 @@ alone logs and writes, and after every stage the ranks agree on whether it worke
     preconditions.json             preconditions.base_knowledge: does the base model know the hops the claims need
     salience.json                  preconditions.salience: per implication, the base model's knowledge of the known
                                    hop against the finetune's rank (Ghosal et al., beyond the paper)
-    exact_first_hop                seed 0 only: exact.run, eqs. 1-3 by real interventions against the linearized
-                                   scores, with the full and a scaled ablation, and the sum identity
+    exact_first_hop                seed 0, one process only: exact.run, eqs. 1-3 by real interventions against
+                                   the linearized scores, with the full and a scaled ablation, and the sum identity
 With --grid, each seed's lr x epochs cells follow its stages, then Fig. 4, Table 3 and Fig. 6 again at the grid's
 gentlest cell (sweep.py).
 Then collect.collect() reads those outputs into results.json (every number per seed), claims.py judges each claim
@@ -116,7 +116,9 @@ def stages(model, seed, w, base, device):
             out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
     out.append(("salience", w / "salience.json", lambda: of_base(
         base, w / "salience.json", preconditions.salience, {hop: w / hop for hop in HOPS}, seed, device)))
-    if seed == 0:           # eqs. 1-3 by real interventions, on 4 prompts: about 20 min here, so one seed
+    # eqs. 1-3 by real interventions, on 4 prompts: about 20 min here, so one seed; one process only (exact.py
+    # intervenes on whole blocks, and its hours on a big model would outlast the process group's timeout)
+    if seed == 0 and dist.launched() == 1:
         out.append(("exact_first_hop", w / "exact_first_hop" / "exact.json", lambda: exact.run(
             model, w / "first_hop", w / "exact_first_hop", device=device, log=log)))
     return out + graft_and_orderings(model, s, w, base, device)
