@@ -249,7 +249,8 @@ def exact_section(res):
          f"scaled to {a:g} of the way (exact / {a:g}), where eq. 6, first-order in the ablation, should hold; "
          "`upstream` is eq. 6 as the paper defines it (only later weights at W'), `upstream (authors)` the authors' "
          "code (the gradient of the full pass at W').", "",
-         "| score | r, full ablation | r, ablation scaled |", "|---|---|---|"]
+         f"| score | r, exact vs linearized (upstream: full ablation) | r, upstream ablation scaled to {a:g} |",
+         "|---|---|---|"]
     for kind, label in (("informative", "informative (eq. 1 vs 4)"), ("downstream", "downstream (eq. 2 vs 5)"),
                         ("upstream", "upstream (eq. 3 vs 6)"), ("upstream_authors", "upstream (authors)")):
         L.append(f"| {label} | {r(full.get(kind))} | {r(scaled.get(kind)) if kind.startswith('up') else '—'} |")
@@ -276,6 +277,8 @@ def salience_section(res):
     for hop in HOPS:
         x = sal.get(hop)
         if x:
-            L.append(f"| {hop} | {x['n']} | {x['rho_margin']:+.3f} | {x['p_margin']:.2g} | {x['rho_rank']:+.3f} | "
-                     f"{x['p_rank']:.2g} | {seeds_cell(x['per_seed_rho_margin'])} |")
+            rho = lambda v: "— (constant)" if v is None else f"{v:+.3f}"
+            p = lambda v: "—" if v is None else f"{v:.2g}"
+            L.append(f"| {hop} | {x['n']} | {rho(x['rho_margin'])} | {p(x['p_margin'])} | {rho(x['rho_rank'])} | "
+                     f"{p(x['p_rank'])} | {seeds_cell(x['per_seed_rho_margin'])} |")
     return L + [""]

@@ -138,6 +138,22 @@ def test_midranks_share_ties_and_spearman_is_pearson_of_ranks():
     assert rho == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1]) and p < 0.01 and n == 30
 
 
+def test_salience_of_a_constant_known_hop_is_undefined_not_nan():
+    """Gemma 3 270M ranks every city's language at 0: rho with a constant is undefined, so results.json holds
+    null (JSON has no NaN) and REPORT.md says so, while the margin's rho is still computed."""
+    import collect
+    import render
+    margin = np.linspace(-2, 3, 20)
+    sal = {hop: {"base_margin": margin.tolist(), "base_rank": [0.0] * 20, "impl_rank": (10 - 2 * margin).tolist()}
+           for hop in sweep.HOPS}
+    out = collect.salience_pooled([sal])
+    assert out["first_hop"]["rho_rank"] is None and out["first_hop"]["p_rank"] is None
+    assert out["first_hop"]["rho_margin"] == pytest.approx(-1.0)
+    json.dumps(out, allow_nan=False)
+    text = "\n".join(render.salience_section({"salience": out}))
+    assert "| first_hop | 20 | -1.000 |" in text and "— (constant) | — |" in text
+
+
 def test_salience_per_prompt_numbers_agree_with_the_mean_rank(tiny_dir, tmp_path):
     base = from_pretrained(tiny_dir)
     tok = load_tokenizer(tiny_dir)
