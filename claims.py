@@ -13,7 +13,7 @@ sign-flip test, stats.py).
 from collections import namedtuple
 
 import paper
-from stats import mean, mean_se, paired
+from stats import mean, mean_se, paired, show
 
 HOPS = ("first_hop", "second_hop")
 ORDERS = ("facts_first", "impl_first", "joint")
@@ -287,12 +287,12 @@ def fig6_pre(d):
 
 
 def fig6_crit(d):
-    parts = [d[c]["r"] > 0 and d[c]["p_perm"] < ALPHA for c in ("mlp", "heads")]
+    parts = [d[c]["r"] is not None and d[c]["r"] > 0 and d[c]["p_perm"] < ALPHA for c in ("mlp", "heads")]
     return grade(parts, partly=any(parts))
 
 
 def fig6_evidence(d):
-    return "; ".join(f"{c}: r {d[c]['r']:+.3f}, permutation p {d[c]['p_perm']:.2g}, {d[c]['n']} entries "
+    return "; ".join(f"{c}: r {show(d[c]['r'])}, permutation p {show(d[c]['p_perm'], '.2g')}, {d[c]['n']} entries "
                      f"({d[c]['units']}) over {d[c]['n_seeds']} seed(s)" for c in ("mlp", "heads"))
 
 

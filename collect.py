@@ -126,14 +126,13 @@ def salience_pooled(per_seed):
             continue
         strata = [s for s, _ in rows]
         margin, brank, impl = ([x[k] for _, x in rows] for k in range(3))
-        # a constant variable (e.g. the base model ranks every known hop at 0) has no correlation: None, not NaN
-        defined = lambda v: None if v != v else v
-        rho_m, p_m, n = map(defined, spearman_pooled(margin, impl, strata))
-        rho_r, p_r, _ = map(defined, spearman_pooled(brank, impl, strata))
+        # a constant variable (e.g. the base model ranks every known hop at 0) has no correlation: rho None
+        rho_m, p_m, n = spearman_pooled(margin, impl, strata)
+        rho_r, p_r, _ = spearman_pooled(brank, impl, strata)
         out[hop] = {"rho_margin": rho_m, "p_margin": p_m, "rho_rank": rho_r, "p_rank": p_r, "n": n,
                     "n_seeds": len(set(strata)),
-                    "per_seed_rho_margin": [defined(pearson(midranks(sal[hop]["base_margin"]),
-                                                            midranks(sal[hop]["impl_rank"])))
+                    "per_seed_rho_margin": [pearson(midranks(sal[hop]["base_margin"]),
+                                                            midranks(sal[hop]["impl_rank"]))
                                             if sal and hop in sal else None for sal in per_seed]}
     return out or None
 

@@ -25,7 +25,8 @@ import scores
 from checkpoint import resolve
 from outputs import atomic_dir, check_output
 from model import Taps
-from scores import aligned_mean_of_others, pearson, record
+from scores import aligned_mean_of_others, record
+from stats import pearson, show
 
 def head_params(block_a, block_b, h, cfg):
     """Block parameters at W with head h's weights set to W' (eq. 1): its rows of q, its columns of o, and
@@ -142,13 +143,14 @@ def compare(ex, lin, L, H, kinds=("informative", "downstream", "upstream", "upst
         worst = gap.argsort(descending=True)[:3].tolist()
         name = lambda i: f"{'MLP' if i % (H + 1) == H else 'head'} {i // (H + 1)}" + \
             ("" if i % (H + 1) == H else f".{i % (H + 1)}")
+        e_, l_ = e_.double().cpu(), l_.double().cpu()
         report[kind] = {"pearson_r": pearson(e_, l_), "pearson_r_mlp": pearson(e_[:, H], l_[:, H]),
                         "pearson_r_heads": pearson(e_[:, :H], l_[:, :H]),
                         "largest_disagreements": [{"component": name(i), "exact": float(e_.flatten()[i]),
                                                    "linearized": float(l_.flatten()[i])} for i in worst],
                         "exact": e_.tolist(), "linearized": l_.tolist()}
-        lines.append(f"{kind}: r = {report[kind]['pearson_r']:.3f} (MLPs {report[kind]['pearson_r_mlp']:.3f}, "
-                     f"heads {report[kind]['pearson_r_heads']:.3f}); largest gaps: " +
+        lines.append(f"{kind}: r = {show(report[kind]['pearson_r'])} (MLPs {show(report[kind]['pearson_r_mlp'])}, "
+                     f"heads {show(report[kind]['pearson_r_heads'])}); largest gaps: " +
                      ", ".join(f"{d['component']} exact {d['exact']:+.3g} vs lin {d['linearized']:+.3g}"
                                for d in report[kind]["largest_disagreements"]))
     return report, lines
@@ -159,7 +161,7 @@ def sum_identity(model_a, model_b, b, rows, lin):
         actual = scores.rewards(model_b, b.subset(rows)) - scores.rewards(model_a, b.subset(rows))
     predicted = (lin["informative.mlp"][rows].sum((1, 2)) + lin["informative.attn"][rows].sum((1, 2, 3)))
     return {"actual_dR": actual.tolist(), "informative_sum": predicted.tolist(),
-            "pearson_r": pearson(actual, predicted) if len(rows) > 1 else None}
+            "pearson_r": pearson(actual.double().cpu(), predicted.double().cpu())}
 
 
 def run(ckpt_a, ckpt_b, out, n_prompts=4, ablation=0.05, dataset=None, seed=None, device="cpu", overwrite=False,

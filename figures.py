@@ -11,6 +11,7 @@ import paper
 import sweep
 from claims import ALL_ORDERS, HOPS
 from render import _write
+from stats import show
 
 
 def _band(ax, runs, key, x_of, **kw):
@@ -101,7 +102,7 @@ def fig6_scatter(plt, runs, stats_):
         ax.set(xlabel="downstream score (W_F,ImplF -> + test facts), z within seed",
                ylabel="informative score (W_F' -> W_graft), z within seed",
                title=f"{'MLPs' if comp == 'mlp' else 'heads'} (position x layer{' x head' * (comp == 'heads')}): "
-                     f"r = {x['r']:+.3f}, permutation p = {x['p_perm']:.2g}, n = {x['n']}")
+                     f"r = {show(x['r'])}, permutation p = {show(x['p_perm'], '.2g')}, n = {x['n']}")
         ax.title.set_fontsize(8)
         ax.xaxis.label.set_fontsize(7)
         ax.yaxis.label.set_fontsize(7)

@@ -38,7 +38,7 @@ from checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_file
                         load_tokenizer, multimodal, open_shard, read_json, resolve, safetensors_files, text_keys)
 from outputs import atomic_dir, check_output, save_figure, work_dir, write_json
 from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
-from stats import fig6_stats
+from stats import fig6_stats, show
 
 
 # --- weight arithmetic ------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
         r = st["r"]
         fig6[comp] = {"r": r, "p": st["p_perm"], "n": st["n"], "shape": list(dn.shape),
                       "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
-        log(f"[graft] Fig. 6 {comp}: r = {r:.3f}, p = {fig6[comp]['p']:.3g} over {dn.numel()} entries")
+        log(f"[graft] Fig. 6 {comp}: r = {show(r)}, p = {show(fig6[comp]['p'], '.3g')} over {dn.numel()} entries")
     times["fig6_scores"] = round(time.time() - t, 1)
 
     # Fig. 4's facts-first ordering is this chain (W_F, W_F,ImplF, then the test facts): the same phases, seeds

@@ -7,7 +7,7 @@ import paper
 import sweep
 from claims import ALL_ORDERS, HOPS, ORDERS, assess, end_of_pretraining, final
 from outputs import write_atomic, write_json  # noqa: F401 (render.write_json)
-from stats import mean_se, present
+from stats import mean_se, present, show
 
 
 # --- the one writer ----------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def render(res, figures):
     f6 = res["fig6"] or {}
     for c in ("mlp", "heads"):
         x = f6.get(c)
-        L.append(f"| {c} | {x['n']} ({x['units']}) | {x['n_seeds']} | {x['r']:+.3f} | {x['p_perm']:.2g} | "
+        L.append(f"| {c} | {x['n']} ({x['units']}) | {x['n_seeds']} | {show(x['r'])} | {show(x['p_perm'], '.2g')} | "
                  f"{seeds_cell(x['per_seed_r'])} |" if x else f"| {c} | — | — | — | — | — |")
     L += ["", img("fig6", "Fig. 6: entries standardized within seed, MLPs (left) and heads (right)"), ""]
     L += salience_section(res) + sweep.grid_section(res, img) + gentle_section(res)
@@ -239,8 +239,8 @@ def exact_section(res):
     if not ex:
         return []
     st, a = ex["settings"], ex["settings"]["ablation_scale"]
-    r = lambda d: "—" if d is None else f"{d['pearson_r']:+.2f} (MLPs {d['pearson_r_mlp']:+.2f}, heads " \
-        f"{d['pearson_r_heads']:+.2f})"
+    r = lambda d: "—" if d is None else f"{show(d['pearson_r'], '+.2f')} (MLPs {show(d['pearson_r_mlp'], '+.2f')}, " \
+        f"heads {show(d['pearson_r_heads'], '+.2f')})"
     full, scaled = ex["full_ablation"], ex["scaled_ablation"]
     L = ["### Exact against linearized scores", "",
          f"`exact.py` on the first seed's first-hop finetune, {st['n_prompts']} implication prompts: each MLP and head "

@@ -253,11 +253,6 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
 
 # --- outputs: tensors, figure (paper Fig. 3), summary -----------------------------------------------
 
-def pearson(a, b):
-    a, b = a.flatten().double() - a.double().mean(), b.flatten().double() - b.double().mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-30))
-
-
 def figure(scores, tokens, path, title):
     """Rows downstream / informative / upstream (eq. 6 as defined); columns MLPs and attention (heads summed);
     layer x position."""

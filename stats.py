@@ -74,10 +74,17 @@ def paired(a, b, alternative="greater"):
 # --- Pearson r with a permutation p-value ---------------------------------------------------------------------
 
 def pearson(x, y):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    """Pearson r of two equal-length sequences (arrays or CPU tensors); None where it is undefined: fewer than two
+    entries, or one of them constant (JSON has no NaN, and a NaN compares False to every threshold silently)."""
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
     x, y = x - x.mean(), y - y.mean()
     den = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / den) if den > 0 else float("nan")
+    return float((x * y).sum() / den) if len(x) > 1 and den > 0 else None
+
+
+def show(v, spec="+.3f"):
+    """A statistic as text, '—' where it is undefined (None)."""
+    return "—" if v is None else format(v, spec)
 
 
 def _zscore(v, strata):
@@ -91,7 +98,8 @@ def _zscore(v, strata):
 
 
 def perm_pearson(x, y, strata=None, n_perm=N_PERM, seed=0, chunk=250):
-    """(r, two-sided permutation p, n). Within each stratum (a seed) x and y are standardized, so r is the
+    """(r, two-sided permutation p, n); (None, None, n) where r is undefined (fewer than 3 entries, or x or y
+    constant within every stratum). Within each stratum (a seed) x and y are standardized, so r is the
     Pearson r of the pooled standardized entries (the n-weighted mean of the per-seed r); the null shuffles x
     within each stratum with a fixed generator, and p = (1 + #{|r_perm| >= |r|}) / (1 + n_perm)."""
     x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
@@ -101,7 +109,7 @@ def perm_pearson(x, y, strata=None, n_perm=N_PERM, seed=0, chunk=250):
     n = len(x)
     zx, zy = _zscore(x, strata), _zscore(y, strata)
     if n < 3 or not zx.any() or not zy.any():
-        return float("nan"), float("nan"), n
+        return None, None, n
     r = float((zx * zy).sum() / n)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]

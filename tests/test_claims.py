@@ -1,6 +1,7 @@
 """claims.py: every claim's verdict on stub results, for each of reproduced / partly / not / inconclusive (and
 missing); stats.py against references computed here independently; preconditions.py's prompts."""
 import itertools
+import json
 import math
 
 import numpy as np
@@ -98,6 +99,8 @@ CASES = [
     ("fig6", "reproduced", lambda r: None),
     ("fig6", "partly", lambda r: r["fig6"]["heads"].update(p_perm=0.3)),
     ("fig6", "not", lambda r: [r["fig6"][c].update(r=-0.2) for c in ("mlp", "heads")]),
+    # one side's scores constant (e.g. every entry 0): r is undefined, which is no evidence of a correlation
+    ("fig6", "partly", lambda r: r["fig6"]["heads"].update(r=None, p_perm=None)),
     ("fig6", "inconclusive", lambda r: set_final(r["fig4"]["facts_first"], "finetune", "fact_mean_rank", 5.0)),
 ]
 
@@ -168,6 +171,19 @@ def test_pearson_against_numpy():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=50), rng.normal(size=50)
     assert stats.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+
+
+def test_undefined_correlations_are_none_everywhere():
+    """A constant variable has no Pearson r: every statistic says None (JSON has no NaN, and NaN > 0 is silently
+    False), from the plain r to the pooled permutation test and the salience rho, and the text says '—'."""
+    x, c = np.arange(10.0), np.ones(10)
+    assert stats.pearson(x, c) is None and stats.pearson([1.0], [2.0]) is None
+    assert stats.perm_pearson(c, x) == (None, None, 10) and stats.perm_pearson(x[:2], x[:2]) == (None, None, 2)
+    f = stats.fig6_stats(x, c, strata=[0] * 5 + [1] * 5)
+    assert f == {"r": None, "p_perm": None, "n": 10}
+    json.dumps(f, allow_nan=False)
+    assert stats.spearman_pooled(c, x, [0] * 10)[0] is None
+    assert stats.show(None) == "—" and stats.show(0.25) == "+0.250" and stats.show(0.03, ".2g") == "0.03"
 
 
 def exact_r(r, n, seed=0):
