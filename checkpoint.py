@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import Config, Transformer
+from config import Config
+from model import Transformer
 from outputs import UserError
 
 DEFAULT_NAME = "smollm2-135m"      # the embedded default model (default_model.py)

@@ -165,6 +165,28 @@ def dataset_name(name_or_path):
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name_or_path).stem).strip(".") or "dataset"
 
 
+# --- training phases: what a finetune trains on, in which order --------------------------------------
+
+def phases(ds, order=None, name="the dataset"):
+    """The training phases of dataset `ds` (named `name` in errors), as (phase name, training examples, evaluation
+    splits {"facts", "implications"}): one phase on the facts, or for daxwug (Sec. 6.1) continued pretraining on the
+    train split in the given order (Fig. 4; default joint), then finetuning on the test facts."""
+    if "test_facts" not in ds:
+        if order:
+            raise ValueError(f"--order {order} applies to daxwug (train and test splits), not to {name}")
+        return [("finetune", ds["facts"], {"facts": ds["facts"], "implications": ds["implications"]})]
+    train_ev = {"facts": ds["train_facts"], "implications": ds["train_impls"]}
+    pre = {"facts_first": [("pretrain_facts", ds["train_facts"]), ("pretrain_impls", ds["train_impls"])],
+           # the forgetting control: the facts stay in the implication phase (replay), so F is still known when
+           # Impl F is learned, as the paper's premise has it
+           "facts_first_replay": [("pretrain_facts", ds["train_facts"]),
+                                  ("pretrain_impls", ds["train_impls"] + ds["train_facts"])],
+           "impl_first": [("pretrain_impls", ds["train_impls"]), ("pretrain_facts", ds["train_facts"])],
+           "joint": [("pretrain_joint", ds["train_facts"] + ds["train_impls"])]}[order or "joint"]
+    return [(n, ex, train_ev) for n, ex in pre] + \
+        [("finetune", ds["test_facts"], {"facts": ds["test_facts"], "implications": ds["test_impls"]})]
+
+
 # --- tokenization ---------------------------------------------------------------------------------------
 
 def _pad(seqs, value):

@@ -12,7 +12,7 @@ The gentle cell: at lr 3e-4 x 8 epochs (the default), training W_F on Impl F mak
 W_graft carries unlearning of F. The authors' own rates are 10-100x lower. We take the first-hop cell with OCR
 (facts learned, implications >= claims.CLEAR below the base model on every seed) at the smallest lr, then the
 fewest epochs: the least update that still makes the structures Table 3 and Fig. 4 test, so the least to forget.
-graft.experiment and the Fig. 4 orderings (with the facts-first ordering that replays the facts, train.make_phases)
+graft.experiment and the Fig. 4 orderings (with the facts-first ordering that replays the facts, data.phases)
 run again there, under --work/seed{s}/gentle_lr{lr}_ep{epochs}/ (report.gentle_stages; named by the cell, so a grid
 that chooses another cell never mixes with an earlier one).
 """

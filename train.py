@@ -232,27 +232,8 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
 
 # --- the finetune ------------------------------------------------------------------------------------------
 
-def make_phases(ds, s: Settings):
-    """The training phases, (name, training examples, evaluation splits {"facts", "implications"})."""
-    if "test_facts" not in ds:
-        if s.order:
-            raise UserError(f"--order {s.order} applies to daxwug (train and test splits), not to {s.dataset}")
-        return [("finetune", ds["facts"], {"facts": ds["facts"], "implications": ds["implications"]})]
-    # daxwug (Sec. 6.1): continued pretraining on the train split in the given order, then the test facts
-    train_ev = {"facts": ds["train_facts"], "implications": ds["train_impls"]}
-    pre = {"facts_first": [("pretrain_facts", ds["train_facts"]), ("pretrain_impls", ds["train_impls"])],
-           # the forgetting control: the facts stay in the implication phase (replay), so F is still known when
-           # Impl F is learned, as the paper's premise has it
-           "facts_first_replay": [("pretrain_facts", ds["train_facts"]),
-                                  ("pretrain_impls", ds["train_impls"] + ds["train_facts"])],
-           "impl_first": [("pretrain_impls", ds["train_impls"]), ("pretrain_facts", ds["train_facts"])],
-           "joint": [("pretrain_joint", ds["train_facts"] + ds["train_impls"])]}[s.order or "joint"]
-    return [(n, ex, train_ev) for n, ex in pre] + \
-        [("finetune", ds["test_facts"], {"facts": ds["test_facts"], "implications": ds["test_impls"]})]
-
-
 def finetune(model, tok, phases, s: Settings, log=print):
-    """Train `model` in place through `phases` (make_phases' format) with the settings `s`: the blocks (or
+    """Train `model` in place through `phases` (data.phases' format) with the settings `s`: the blocks (or
     everything, train_all) minus the layers frozen "pre"; layers frozen "post" are reset to the base
     (model.source) at the end. Returns (records, facts about the run for metrics.json)."""
     n_params = sum(p.numel() for p in model.parameters())
@@ -287,7 +268,7 @@ def run(s: Settings, log=print, model=None):
     Under torchrun with N > 1 processes (dist.py) the model is loaded sharded over them, each rank trains on the
     same batches, and only rank 0 logs; `model` must then be None."""
     t_start = time.time()
-    phases = make_phases(data.load_dataset(s.dataset, seed=s.seed), s)    # bad input fails here, early
+    phases = data.phases(data.load_dataset(s.dataset, seed=s.seed), s.order, s.dataset)   # bad input: here
     path = resolve(s.model, s.revision)
     tok = load_tokenizer(path)
     cfg = load_config(path)

@@ -30,7 +30,8 @@ import torch
 if __package__ in (None, ""):                                     # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train                                                      # noqa: E402
-from model import Config, Transformer                             # noqa: E402
+from config import Config                                         # noqa: E402
+from model import Transformer                                     # noqa: E402
 from optim import local                                           # noqa: E402
 
 OLMO_7B = {"model_type": "olmo", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,

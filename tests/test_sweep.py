@@ -38,7 +38,7 @@ def test_final_only_evaluation_is_the_last_record_of_a_full_one(tiny_dir):
 
 def test_replay_keeps_the_facts_in_the_implication_phase():
     ds = data.load_dataset("daxwug")
-    phases = train.make_phases(ds, train.Settings(dataset="daxwug", order="facts_first_replay"))
+    phases = data.phases(ds, "facts_first_replay")
     assert [p[0] for p in phases] == ["pretrain_facts", "pretrain_impls", "finetune"]
     assert phases[1][1] == ds["train_impls"] + ds["train_facts"]
     assert phases[0][1] == ds["train_facts"] and phases[2][1] == ds["test_facts"]
