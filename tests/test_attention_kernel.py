@@ -157,3 +157,26 @@ def test_twin_scores_stay_fp32_under_autocast():
     auto = (o, *torch.autograd.grad(o, (q, k, v), do))
     for a, b in zip(auto, plain):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+# --- the kernel at Gemma 3's attention shapes -------------------------------------------------------
+
+def test_kernel_head_dim_256_one_kv_head():
+    """E = 256 with one key/value head for four query heads (Gemma 3 270M), a window, padding; fp32 (in Triton's
+    interpreter on a CPU). Forward and backward against the torch twin."""
+    B, H, K, T, E, window = 2, 4, 1, 40, 256, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, n, E, generator=gen).to(DEVICE).transpose(1, 2).requires_grad_()
+               for n in (H, K, K))                                # (B, H, T, E), (B, K, T, E) x 2
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    mask[0, 29:] = 0                                              # right padding
+    kw = dict(scale=256 ** -0.5, window=window, attention_mask=mask)
+    do = torch.randn(B, H, T, E, generator=gen).to(DEVICE)
+    real = mask.bool()[:, None, :, None]                          # padded query rows are never used
+    outs = []
+    for f in (A.attention_triton, A.attention_torch):
+        o = f(q, k, v, **kw)
+        grads = torch.autograd.grad((o * do * real).sum(), (q, k, v))
+        outs.append((o * real, *grads))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

