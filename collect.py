@@ -132,7 +132,7 @@ def salience_pooled(per_seed):
         out[hop] = {"rho_margin": rho_m, "p_margin": p_m, "rho_rank": rho_r, "p_rank": p_r, "n": n,
                     "n_seeds": len(set(strata)),
                     "per_seed_rho_margin": [pearson(midranks(sal[hop]["base_margin"]),
-                                                            midranks(sal[hop]["impl_rank"]))
+                                                    midranks(sal[hop]["impl_rank"]))
                                             if sal and hop in sal else None for sal in per_seed]}
     return out or None
 

@@ -143,7 +143,7 @@ def compare(ex, lin, L, H, kinds=("informative", "downstream", "upstream", "upst
         worst = gap.argsort(descending=True)[:3].tolist()
         name = lambda i: f"{'MLP' if i % (H + 1) == H else 'head'} {i // (H + 1)}" + \
             ("" if i % (H + 1) == H else f".{i % (H + 1)}")
-        e_, l_ = e_.double().cpu(), l_.double().cpu()
+        e_, l_ = e_.cpu(), l_.cpu()                                  # stats.pearson reads them as numpy
         report[kind] = {"pearson_r": pearson(e_, l_), "pearson_r_mlp": pearson(e_[:, H], l_[:, H]),
                         "pearson_r_heads": pearson(e_[:, :H], l_[:, :H]),
                         "largest_disagreements": [{"component": name(i), "exact": float(e_.flatten()[i]),
@@ -161,7 +161,7 @@ def sum_identity(model_a, model_b, b, rows, lin):
         actual = scores.rewards(model_b, b.subset(rows)) - scores.rewards(model_a, b.subset(rows))
     predicted = (lin["informative.mlp"][rows].sum((1, 2)) + lin["informative.attn"][rows].sum((1, 2, 3)))
     return {"actual_dR": actual.tolist(), "informative_sum": predicted.tolist(),
-            "pearson_r": pearson(actual.double().cpu(), predicted.double().cpu())}
+            "pearson_r": pearson(actual.cpu(), predicted.cpu())}
 
 
 def run(ckpt_a, ckpt_b, out, n_prompts=4, ablation=0.05, dataset=None, seed=None, device="cpu", overwrite=False,

@@ -79,7 +79,7 @@ def pearson(x, y):
     x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
     x, y = x - x.mean(), y - y.mean()
     den = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / den) if len(x) > 1 and den > 0 else None
+    return float((x * y).sum() / den) if den > 0 else None          # one entry: den 0
 
 
 def show(v, spec="+.3f"):
