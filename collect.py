@@ -144,7 +144,7 @@ def collect(model, seeds, work):
     res = {"model": str(model), "seeds": list(seeds), "work": str(work), "settings": {}, "stage_times": {},
            "fig2": {h: [None] * n for h in HOPS}, "fig3": {h: {"png": None, "stats": [None] * n} for h in HOPS},
            "table2": {row: {h: {"fact": [None] * n, "impl": [None] * n} for h in HOPS} for row in T2_ROWS},
-           "preconditions": [None] * n}
+           "preconditions": [None] * n, "threads": [None] * n}     # threads: torch's, per seed
 
     def add(row, hop, i, rec):
         if rec is not None:
@@ -163,6 +163,8 @@ def collect(model, seeds, work):
             if m:
                 res["fig2"][hop][i] = m["records"]
                 add("None", hop, i, final(m["records"]))
+                if hop == HOPS[0]:
+                    res["threads"][i] = m.get("torch_threads")
                 add("All", hop, i, m["records"][0])                          # epoch 0: the base model's ranks
                 if not res["settings"]:
                     a = m["args"]

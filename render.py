@@ -80,7 +80,11 @@ def render(res, figures):
           "implications against informative scores of W_F' -> W_graft on Impl F', per entry (position x layer for "
           "MLPs, position x layer x head for heads, as the authors correlate them); seeds pooled by standardizing "
           "within each seed; p from 10,000 permutations within seed",
-          f"- stage outputs (checkpoints) under `{res['work']}`", ""]
+          f"- stage outputs (checkpoints) under `{res['work']}`",
+          f"- machine: {res.get('machine', '?')}; torch threads per seed: "
+          f"{', '.join('?' if t is None else str(t) for t in res.get('threads') or []) or '?'}. Another CPU or "
+          "thread count sums in another order, which moves the ranks in the last digits and chained finetunes "
+          "(Table 3) more", ""]
     L += ["## Fig. 2: OCR while finetuning on facts", "",
           "Paper (OLMo-7B): fact and implication ranks both fall (before: Table 2 All, after: Table 2 None).", "",
           "| hop | fact before | fact after | paper | impl before | impl after | paper |", "|---|---|---|---|---|---|---|"]

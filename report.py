@@ -214,11 +214,23 @@ def run_list(seed, w, todo):
 
 # --- the results: collect (collect.py), claims and verdicts (claims.py), REPORT.md (render.py), figures -------
 
+def cpu_name():
+    """The processor's model name (Linux: /proc/cpuinfo; elsewhere platform.processor()): the last digits of a
+    training run depend on it and on the thread count, so the report names both."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def write_report(model, seeds, work, out, overwrite=False, revision=None):
     res = collect(model, seeds, work)
     res["revision"] = revision
     res["cpus"] = os.cpu_count()
-    res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    res["machine"] = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, torch {torch.__version__}"
     with atomic_dir(out, "report", overwrite, log=log) as tmp:      # REPORT.md, figures, results.json at once
         figs = make_figures(res, tmp)
         write_json(tmp / "results.json", res)

@@ -115,7 +115,7 @@ def _stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=
             "threads": 2}
     for hop, impl, fact in (("first_hop", first_impl, 0.0), ("second_hop", 2.0, second_fact)):
         _write(w / hop / "metrics.json", {"args": args, "n_params": 1000, "n_trainable": 800, "base_model": "/base",
-                                         "records": _records(["finetune"], fact, impl)})
+                                         "torch_threads": 2, "records": _records(["finetune"], fact, impl)})
         L, Ta = 6, 5
         inf = torch.zeros(Ta, L)
         if hop == "first_hop":

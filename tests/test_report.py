@@ -41,6 +41,9 @@ def test_report_has_every_section_table_figure_and_verdict(tmp_path, stubs):
     assert res["table2"]["None"]["first_hop"]["impl"] == [1.0, 2.0]       # per-seed values, in seed order
     assert res["fig6"]["mlp"]["n"] == 60 and res["fig6"]["heads"]["n"] == 120    # entries of both seeds, pooled
     assert res["fig6"]["mlp"]["units"] == "per position x layer" and 0 < res["fig6"]["mlp"]["p_perm"] < 0.01
+    # the machine and the threads each seed trained with, which the last digits depend on
+    assert res["threads"] == [2, 2] and res["machine"].startswith(R.cpu_name())
+    assert f"- machine: {res['machine']}; torch threads per seed: 2, 2." in text
 
 
 def test_verdicts_follow_their_criteria(tmp_path, stubs):
