@@ -163,9 +163,9 @@ def collect(model, seeds, work):
             if m:
                 res["fig2"][hop][i] = m["records"]
                 add("None", hop, i, final(m["records"]))
-                if hop == HOPS[0]:
-                    res["threads"][i] = m.get("torch_threads")
                 add("All", hop, i, m["records"][0])                          # epoch 0: the base model's ranks
+                if hop == HOPS[0]:                                           # a seed's stages share one process
+                    res["threads"][i] = m.get("torch_threads")
                 if not res["settings"]:
                     a = m["args"]
                     res["settings"] = {k: a.get(k) for k in ("lr", "epochs", "batch_size", "constant_lr", "dtype",
