@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-import cli
+from run_setup import cli
 import data
 import scores
-from checkpoint import resolve
-from outputs import atomic_dir, check_output
+from checkpoint_io.checkpoint import resolve
+from checkpoint_io.outputs import atomic_dir, check_output
 from model import Taps
 from scores import aligned_mean_of_others, record
-from stats import pearson, show
+from paper_report.stats import pearson, show
 
 def head_params(block_a, block_b, h, cfg):
     """Block parameters at W with head h's weights set to W' (eq. 1): its rows of q, its columns of o, and

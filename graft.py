@@ -14,9 +14,9 @@ re-assigned to other cities: F', Impl F'; 20 test names):
 Table 3: mean ranks on Impl F', Impl F and F'. Fig. 6: per component, downstream against informative scores.
 Every stage is a directory under --out that is reused when the experiment runs again. In one process the stages
 train (train.finetune) copies of one loaded base model. Under torchrun (`torchrun --nproc_per_node N graft.py
---experiment ...`) each stage loads its model sharded over the ranks (dist.py) and saves it through train.save;
-the weight arithmetic and every write run on rank 0 (dist.on_main), Table 3's ranks on a whole model on every rank
-(the same numbers everywhere), Fig. 6's scores with a share of the prompts per rank (scores.score).
+--experiment ...`) each stage loads its model sharded over the ranks (run_setup/dist.py) and saves it through
+train.save; the weight arithmetic and every write run on rank 0 (dist.on_main), Table 3's ranks on a whole model
+on every rank (the same numbers everywhere), Fig. 6's scores with a share of the prompts per rank (scores.score).
 """
 import copy
 import dataclasses
@@ -29,16 +29,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import cli
+from run_setup import cli
 import data
-import dist
+from run_setup import dist
 import scores
 import train
-from checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_files, from_pretrained, load_config,
-                        load_tokenizer, multimodal, open_shard, read_json, resolve, safetensors_files, text_keys)
-from outputs import atomic_dir, check_output, save_figure, work_dir, write_json
-from paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
-from stats import fig6_stats, show
+from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_files, from_pretrained,
+                                     load_config, load_tokenizer, multimodal, open_shard, read_json, resolve,
+                                     safetensors_files, text_keys)
+from checkpoint_io.outputs import atomic_dir, check_output, save_figure, work_dir, write_json
+from paper_report.paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
+from paper_report.stats import fig6_stats, show
 
 
 # --- weight arithmetic ------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def scatter(fig6, seed, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from figures import fig6_scatter
+    from paper_report.figures import fig6_scatter
     fig = fig6_scatter(plt, [(seed, fig6)], {c: {"r": v["r"], "p_perm": v["p"], "n": v["n"]} for c, v in fig6.items()})
     save_figure(fig, path)
 

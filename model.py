@@ -1,8 +1,8 @@
 """One minimal decoder-only transformer for the Llama, Mistral, OLMo, OLMo 2, Gemma 2, Gemma 3 and Qwen 2
 checkpoint families.
 
-Built from a checkpoint's architecture (config.py's Config, from its `config.json`); checkpoint.py loads the
-weights straight from its `*.safetensors`, never through `transformers`. Module names mirror the Hugging Face
+Built from a checkpoint's architecture (config.py's Config, from its `config.json`); checkpoint_io/checkpoint.py loads
+the weights straight from its `*.safetensors`, never through `transformers`. Module names mirror the Hugging Face
 keys, so loading is `load_state_dict(strict=True)` and our saved checkpoints load in other tools.
 
 Shape letters: B batch, T positions, D width, H query heads, K key/value heads, E head dim,
@@ -19,14 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import Config
-from kernels.attention import attention
+from fused_kernels.attention import attention
 
 
 # --- taps: reading and replacing named activations ------------------------------------------------
 
 class Taps(UserDict):
     """Activations by name, `layers.{i}.{place}`, filled during a forward pass. A mapping, not a dict subclass:
-    FSDP2 (dist.py) rebuilds the dicts among a sharded block's arguments, which would record into a copy.
+    FSDP2 (run_setup/dist.py) rebuilds the dicts among a sharded block's arguments, which would record into a copy.
 
     Places (TransformerLens names): resid_pre, attn_in (normed input of q/k/v), q, k, v (projection
     outputs before RoPE, (B, T, H*E) and (B, T, K*E)), z (input of o_proj, (B, T, H*E): the heads'

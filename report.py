@@ -6,9 +6,9 @@
 Stages, per seed s, each a directory or file under --work/seed{s}, run in this process from one loaded base model
 (train.run, scores.run, graft.experiment), and skipped when their output already exists (a failed stage is
 recorded and the rest go on). Under torchrun every rank runs every stage: the training stages load their model
-sharded over the ranks (dist.py) instead of copying a loaded base, which is never kept; the evaluations (the
-preconditions, salience, freeze_post, Table 3) run on models sharded the same way (dist.load), every rank on every
-prompt, the same numbers as one process; scores.run and Fig. 6 shard W and W' and share the prompts out; rank 0
+sharded over the ranks (run_setup/dist.py) instead of copying a loaded base, which is never kept; the evaluations
+(the preconditions, salience, freeze_post, Table 3) run on models sharded the same way (dist.load), every rank on
+every prompt, the same numbers as one process; scores.run and Fig. 6 shard W and W' and share the prompts out; rank 0
 alone logs and writes, and after every stage the ranks agree on whether it worked (dist.agree) before the next one:
     first_hop, second_hop          train.run: Fig. 2; Table 2 None (last epoch) and All (epoch 0: the base)
     scores_first_hop, _second_hop  scores.run on those finetunes: Fig. 3
@@ -27,9 +27,9 @@ alone logs and writes, and after every stage the ranks agree on whether it worke
     exact_first_hop                seed 0, one process only: exact.run, eqs. 1-3 by real interventions against
                                    the linearized scores, with the full and a scaled ablation, and the sum identity
 With --grid, each seed's lr x epochs cells follow its stages, then Fig. 4, Table 3 and Fig. 6 again at the grid's
-gentlest cell (sweep.py).
-Then collect.collect() reads those outputs into results.json (every number per seed), claims.py judges each claim
-on the seed means, and render.render() (a pure function of the results) writes REPORT.md.
+gentlest cell (paper_report/sweep.py).
+Then collect.collect() reads those outputs into results.json (every number per seed), paper_report/claims.py judges
+each claim on the seed means, and render.render() (a pure function of the results) writes REPORT.md.
 """
 import argparse
 import dataclasses
@@ -41,22 +41,22 @@ from pathlib import Path
 
 import torch
 
-import cli
+from run_setup import cli
 import data
-import dist
+from run_setup import dist
 import exact
 import graft
-import preconditions
+from paper_report import preconditions
 import scores
-import sweep
+from paper_report import sweep
 import train
-from checkpoint import DEFAULT_NAME, from_pretrained, load_config, load_tokenizer, resolve
-from outputs import atomic_dir, check_output, work_dir, write_json
-import claims                                                     # noqa: F401 (report.claims, for tests)
-from claims import HOPS, verdicts                                  # noqa: F401 (report.verdicts, re-exported)
-from collect import collect, read_json
-from figures import make_figures
-from render import render
+from checkpoint_io.checkpoint import DEFAULT_NAME, from_pretrained, load_config, load_tokenizer, resolve
+from checkpoint_io.outputs import atomic_dir, check_output, work_dir, write_json
+from paper_report import claims                                    # noqa: F401 (report.claims, for tests)
+from paper_report.claims import HOPS, verdicts                     # noqa: F401 (report.verdicts, re-exported)
+from paper_report.collect import collect, read_json
+from paper_report.figures import make_figures
+from paper_report.render import render
 
 
 def log(msg):
@@ -92,8 +92,8 @@ def finetune_stage(base, s: train.Settings):
 
 
 def of_base(base, out, measure, *args):
-    """measure(base model, its tokenizer, *args) (preconditions.py) into the JSON file `out`: under torchrun on every
-    rank (the same numbers), written by rank 0."""
+    """measure(base model, its tokenizer, *args) (paper_report/preconditions.py) into the JSON file `out`: under
+    torchrun on every rank (the same numbers), written by rank 0."""
     m = base()
     dist.on_main(write_json, out, measure(m, load_tokenizer(m.source), *args))
 
@@ -212,7 +212,7 @@ def run_list(seed, w, todo):
     log(f"seed {seed}: {len(todo)} stages, {sum(d.exists() for _, d, _ in todo)} done")
 
 
-# --- the results: collect (collect.py), claims and verdicts (claims.py), REPORT.md (render.py), figures -------
+# --- the results: collect, claims and verdicts, REPORT.md (render), figures: all in paper_report/ ----------
 
 def cpu_name():
     """The processor's model name (Linux: /proc/cpuinfo; elsewhere platform.processor()): the last digits of a
@@ -261,7 +261,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a report of ours")
     p.add_argument("--render-only", action="store_true", help="only rebuild REPORT.md from finished stages")
     p.add_argument("--grid", action="store_true", help="also the lr x epochs grid, and Fig. 4 / Table 3 / Fig. 6 at "
-                   "its gentlest cell (sweep.py)")
+                   "its gentlest cell (paper_report/sweep.py)")
     p.add_argument("--grid-only", action="store_true", help="run only the grid's cells and write no report (e.g. in "
                    "a second process beside `report.py`; a later `report.py --grid` reuses them)")
     p.add_argument("--only-seeds", type=seed_list, default=None, metavar="S,S,...",

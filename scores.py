@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import cli
+from run_setup import cli
 import data
-import dist
-from checkpoint import UserError, check_same_base, load_tokenizer, read_json, resolve
-from optim import local as optim_local
-from outputs import atomic_dir, check_output, save_figure
-from kernels.grad_delta import grad_delta
+from run_setup import dist
+from checkpoint_io.checkpoint import UserError, check_same_base, load_tokenizer, read_json, resolve
+from run_setup.optim import local as optim_local
+from checkpoint_io.outputs import atomic_dir, check_output, save_figure
+from fused_kernels.grad_delta import grad_delta
 from model import Taps
 
 MLP_MAPS = ("gate_proj", "up_proj", "down_proj")

@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import cli
+from run_setup import cli
 import data
-import dist
-import speedups
-from optim import AdamInBackward, local as optim_local
-from checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer, multimodal,
-                        open_shard, resolve, safetensors_files, text_keys, write_checkpoint)
-from outputs import atomic_dir, check_output, write_json
+from run_setup import dist, speedups
+from run_setup.optim import AdamInBackward, local as optim_local
+from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer,
+                                     multimodal, open_shard, resolve, safetensors_files, text_keys, write_checkpoint)
+from checkpoint_io.outputs import atomic_dir, check_output, write_json
 
 EARLY_FRACTION = 0.75      # Table 2: "early" = the first 75% of the layers, rounded half up (30 -> 23, 32 -> 24)
 
@@ -41,7 +40,7 @@ def split_layers(n_layers, which):
 def default_lr(model_name, n_params):
     """The peak learning rate when --lr is not given: measured per embedded model (default_model.EMBEDDED), else by
     size: the paper's 3e-6 for 7B checkpoints; small models need a larger rate (REFERENCE.md)."""
-    from default_model import EMBEDDED
+    from checkpoint_io.default_model import EMBEDDED
     if str(model_name) in EMBEDDED:
         return EMBEDDED[str(model_name)].lr
     if n_params >= 3e9:
@@ -135,8 +134,8 @@ class Settings:
     eval: str = "epochs"               # "epochs": ranks before and after every epoch; "final": after the last only
     train_all: bool = False
     dtype: str = "float32"
-    moments: str = "fp32"              # Adam's m and v: fp32, or bf16 beside the fp32 master weights (optim.py)
-    offload_optimizer: bool = False    # Adam's m and v in host memory, the step on the device (optim.py)
+    moments: str = "fp32"              # Adam's m and v: fp32, or bf16 beside the fp32 master weights (optim)
+    offload_optimizer: bool = False    # Adam's m and v in host memory, the step on the device (run_setup/optim.py)
     device: str = "cpu"
     threads: int = 1
     out: str | None = None
@@ -265,8 +264,8 @@ def finetune(model, tok, phases, s: Settings, log=print):
 
 def run(s: Settings, log=print, model=None):
     """Load (unless `model` is given: a fresh model at the base weights), finetune, and return (model, metrics).
-    Under torchrun with N > 1 processes (dist.py) the model is loaded sharded over them, each rank trains on the
-    same batches, and only rank 0 logs; `model` must then be None."""
+    Under torchrun with N > 1 processes (run_setup/dist.py) the model is loaded sharded over them, each rank trains on
+    the same batches, and only rank 0 logs; `model` must then be None."""
     t_start = time.time()
     phases = data.phases(data.load_dataset(s.dataset, seed=s.seed), s.order, s.dataset)   # bad input: here
     path = resolve(s.model, s.revision)

@@ -1,4 +1,4 @@
-"""Benchmark: our Triton attention kernel (kernels/attention.py) against torch's scaled_dot_product_attention.
+"""Benchmark: our Triton attention kernel (fused_kernels/attention.py) against torch's scaled_dot_product_attention.
 
 Causal grouped-query attention at growing T: forward, and forward plus backward, time (median of repeated
 runs) and peak memory, printed as ratios ours / sdpa (below 1: ours is faster, or needs less). The first
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for kernels/
-from kernels.attention import attention_triton  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for fused_kernels/
+from fused_kernels.attention import attention_triton  # noqa: E402
 
 
 def peak_mib(fn):

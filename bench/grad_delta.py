@@ -1,4 +1,4 @@
-"""Benchmark kernels/grad_delta.py on a GPU: the Triton kernel against the torch twin, time and peak memory.
+"""Benchmark fused_kernels/grad_delta.py on a GPU: the Triton kernel against the torch twin, time and peak memory.
 
 Shapes are a 7B model's (Llama 2/Mistral-like, D = 4096, F = 14336) with N = 20 prompts x 20 positions:
 q_proj (32 heads, split="out"), o_proj (32 heads, split="in"), gate_proj (the MLP, one group).
@@ -13,7 +13,7 @@ import torch
 
 if __package__ in (None, ""):                                     # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels.grad_delta import grad_delta_torch, grad_delta_triton   # noqa: E402
+from fused_kernels.grad_delta import grad_delta_torch, grad_delta_triton   # noqa: E402
 
 # (name, O, I, n_groups, split)
 SHAPES = [

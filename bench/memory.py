@@ -32,7 +32,7 @@ if __package__ in (None, ""):                                     # run as a fil
 import train                                                      # noqa: E402
 from config import Config                                         # noqa: E402
 from model import Transformer                                     # noqa: E402
-from optim import local                                           # noqa: E402
+from run_setup.optim import local                                           # noqa: E402
 
 OLMO_7B = {"model_type": "olmo", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
            "num_key_value_heads": 32, "vocab_size": 50304, "num_hidden_layers": 32, "tie_word_embeddings": False,

@@ -1,4 +1,5 @@
-"""Compile every Triton kernel in kernels/ for NVIDIA GPUs that are not here, and report what the hardware will see.
+"""Compile every Triton kernel in fused_kernels/ for NVIDIA GPUs that are not here, and report what the hardware will
+see.
 
 Triton compiles for a named target (GPUTarget("cuda", 80, 32): an A100; 90: an H100) without a GPU, down to PTX
 and, with the ptxas bundled in its wheel, to a cubin. The interpreter tests check the kernels' arithmetic; this
@@ -7,8 +8,8 @@ launch fails), registers and spilled bytes a thread (ptxas's stack frame, as cuo
 slow, and the driver reserves their local memory outside PyTorch's allocator), and which matrix instruction
 the dots became (wgmma on sm_90, mma on sm_80, fma: the CUDA cores).
 
-The kernels are compiled through the real wrappers (kernels.attention.attention_triton, forward and backward,
-and kernels.grad_delta.grad_delta_triton) on CPU tensors shaped as the model sends them: each launch is compiled
+The kernels are compiled through the real wrappers (fused_kernels.attention.attention_triton, forward and backward,
+and fused_kernels.grad_delta.grad_delta_triton) on CPU tensors shaped as the model sends them: each launch is compiled
 (Triton's own `warmup` path, with its own argument specialization) instead of run, for a stand-in driver that
 names the target. So the tile configurations, dtypes and specializations are the wrappers' own.
 
@@ -30,8 +31,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"     # compile, never interpret: before kernels.backend or Triton are imported
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for kernels/
+os.environ["TRITON_INTERPRET"] = "0"     # compile, never interpret: before fused_kernels.backend or Triton are imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for fused_kernels/
 
 import torch  # noqa: E402
 
@@ -46,7 +47,7 @@ TENSOR_CORE_OP = {80: "mma", 90: "wgmma"}
 
 def attention_variants(full):
     """dicts of attention_triton's inputs. Default: the families' own (dtype, E, soft-cap, window, G)."""
-    # fp32 with E = 256 is not among them: kernels.attention.attention sends it to the twin (it spills).
+    # fp32 with E = 256 is not among them: fused_kernels.attention.attention sends it to the twin (it spills).
     if full:
         for dtype, E, softcap, window, G in itertools.product(("float32", "bfloat16"), (64, 128, 256),
                                                               (None, 50.0), (None, 64), (1, 4)):
@@ -79,7 +80,7 @@ def run_wrapper(v):
     """Call the real wrapper on CPU tensors shaped as the model's (transposed views of (B, T, H, E))."""
     dt = getattr(torch, v["dtype"])
     if v["kind"] == "attention":
-        from kernels.attention import attention_triton
+        from fused_kernels.attention import attention_triton
         B, T, K, E = 2, 100, 2, v["E"]
         H = K * v["G"]
         q, k, v_ = (torch.randn(B, T, n, E, dtype=dt).transpose(1, 2).requires_grad_() for n in (H, K, K))
@@ -88,7 +89,7 @@ def run_wrapper(v):
                              attention_mask=mask)
         o.backward(torch.randn(B, T, H, E, dtype=dt).transpose(1, 2))
     else:
-        from kernels.grad_delta import grad_delta_triton
+        from fused_kernels.grad_delta import grad_delta_triton
         N, O, I = 400, 576, 576                               # 20 prompts x 20 positions; SmolLM2's q_proj
         g, x = torch.randn(N, O, dtype=dt), torch.randn(N, I, dtype=dt)
         dW = torch.randn(O, I, dtype=getattr(torch, v["dW_dtype"]))
@@ -132,7 +133,7 @@ def compile_target(cc, variants):
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    from kernels import backend, triton_attention, triton_grad_delta
+    from fused_kernels import backend, triton_attention, triton_grad_delta
 
     class StandInDriver:                                 # what JITFunction.run asks the driver, and no more
         def get_current_device(self):

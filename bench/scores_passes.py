@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data                                   # noqa: E402
 import scores as S                            # noqa: E402
-from checkpoint import from_pretrained, load_tokenizer   # noqa: E402
+from checkpoint_io.checkpoint import from_pretrained, load_tokenizer   # noqa: E402
 
 
 def main():

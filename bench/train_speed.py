@@ -31,8 +31,8 @@ if __package__ in (None, ""):                                     # run as a fil
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data                                                       # noqa: E402
 import train                                                      # noqa: E402
-import speedups                                                   # noqa: E402
-from checkpoint import from_pretrained, load_config, load_tokenizer, resolve   # noqa: E402
+from run_setup import speedups                                                   # noqa: E402
+from checkpoint_io.checkpoint import from_pretrained, load_config, load_tokenizer, resolve   # noqa: E402
 
 
 def rss_mib():

@@ -5,10 +5,10 @@ import os
 import sys
 from pathlib import Path
 
-# The one place the tests set TRITON_INTERPRET, before any test module imports kernels/ (kernels/backend.py reads
-# it once) or Triton (which reads it when first imported): without a GPU the kernel tests run in Triton's CPU
-# interpreter (set TRITON_INTERPRET=0 on a CUDA machine to test the compiled kernels). Tests never reach the
-# Hugging Face hub.
+# The one place the tests set TRITON_INTERPRET, before any test module imports fused_kernels/
+# (fused_kernels/backend.py reads it once) or Triton (which reads it when first imported): without a GPU the kernel
+# tests run in Triton's CPU interpreter (set TRITON_INTERPRET=0 on a CUDA machine to test the compiled kernels).
+# Tests never reach the Hugging Face hub.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,7 +25,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def default_ckpt():
     """The default model's checkpoint directory (converted from the GGUF on first use, then cached)."""
-    import default_model
+    from checkpoint_io import default_model
     return default_model.default_checkpoint()
 
 

@@ -1,7 +1,7 @@
-"""Tests for kernels/attention.py: the Triton attention kernel against its torch twin, forward and backward.
+"""Tests for fused_kernels/attention.py: the Triton attention kernel against its torch twin, forward and backward.
 
 On a CPU the kernel runs in Triton's interpreter (tests/conftest.py); run with TRITON_INTERPRET=0 on a GPU to test
-the compiled one. The kernel's tiles are the A100's there too (kernels/triton_attention.py, TILES).
+the compiled one. The kernel's tiles are the A100's there too (fused_kernels/triton_attention.py, TILES).
 The interpreter is slow, so the cases below cover every value of each axis (T, E, H/K, soft-cap, window,
 padding, dtype) and the combinations that interact (window with padding gives rows with no visible key),
 rather than the full product.
@@ -9,11 +9,11 @@ rather than the full product.
 import pytest
 import torch
 
-from kernels import backend
+from fused_kernels import backend
 
 pytest.importorskip("triton", reason="Triton is not installed (no wheels for this platform): the kernel is not "
                     "tested; the model runs the torch twin")
-import kernels.attention as A  # noqa: E402
+import fused_kernels.attention as A  # noqa: E402
 
 # tests/conftest.py sets TRITON_INTERPRET=1 unless it is set: a CPU runs the kernel in Triton's interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() and not backend.INTERPRET else "cpu"

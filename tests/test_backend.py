@@ -1,4 +1,4 @@
-"""Tests for kernels/backend.py: which implementation runs, and that the project works without Triton.
+"""Tests for fused_kernels/backend.py: which implementation runs, and that the project works without Triton.
 
 The dispatch rule is tested on meta tensors and stand-ins for CUDA tensors (no GPU here); the absence of Triton
 in a subprocess whose imports of `triton` fail, as on macOS.
@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels.attention as A
-import kernels.grad_delta as GD
-from kernels import backend
+import fused_kernels.attention as A
+import fused_kernels.grad_delta as GD
+from fused_kernels import backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,8 @@ def run_python(code, block_triton=False):
 def test_importing_the_project_does_not_import_triton():
     out = run_python("""
         import sys
-        import model, data, train, scores, graft, report, default_model, kernels.attention, kernels.grad_delta
+        import model, data, train, scores, graft, report
+        import checkpoint_io.default_model, fused_kernels.attention, fused_kernels.grad_delta
         print("triton" in sys.modules)
     """)
     assert out.strip() == "False"
@@ -52,9 +53,9 @@ def test_without_triton_everything_runs_the_twin():
     out = run_python("""
         import torch
         import model
-        from kernels import backend
-        from kernels.attention import attention, attention_triton
-        from kernels.grad_delta import grad_delta
+        from fused_kernels import backend
+        from fused_kernels.attention import attention, attention_triton
+        from fused_kernels.grad_delta import grad_delta
         assert not backend.triton_available()
         q = torch.randn(1, 2, 5, 16)
         o = attention(q, q, q, scale=0.25)

@@ -1,5 +1,6 @@
-"""claims.py: every claim's verdict on stub results, for each of reproduced / partly / not / inconclusive (and
-missing); stats.py against references computed here independently; preconditions.py's prompts."""
+"""paper_report/claims.py: every claim's verdict on stub results, for each of reproduced / partly / not / inconclusive
+(and missing); paper_report/stats.py against references computed here independently; paper_report/preconditions.py's
+prompts."""
 import itertools
 import json
 import math
@@ -7,10 +8,7 @@ import math
 import numpy as np
 import pytest
 
-import claims
-import paper
-import preconditions
-import stats
+from paper_report import claims, paper, preconditions, stats
 
 N = 3                                                              # seeds, as report.py's default
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-import checkpoint as C
+from checkpoint_io import checkpoint as C
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-import default_model
+from checkpoint_io import default_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,7 +116,7 @@ def test_folder_matches_gguf_in_transformers(default_ckpt, tokenizer, ref_model)
 
 @pytest.fixture(scope="module")
 def model():
-    import checkpoint as C
+    from checkpoint_io import checkpoint as C
     return C.from_pretrained(default_model.DEFAULT_NAME, dtype=torch.float32, device="cpu")
 
 
@@ -128,7 +128,7 @@ def test_model_py_matches_transformers(model, tokenizer, ref_model):
 
 
 def test_model_py_tokenizer_is_the_cache(tokenizer):
-    import checkpoint as C
+    from checkpoint_io import checkpoint as C
     assert C.load_tokenizer(default_model.DEFAULT_NAME).encode(PROMPTS[1]).ids == tokenizer.encode(PROMPTS[1]).ids
 
 

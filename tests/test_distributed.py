@@ -1,4 +1,4 @@
-"""FSDP2 under torchrun (dist.py), on this CPU with gloo: two processes train as one does, and write a checkpoint
+"""FSDP2 under torchrun (run_setup/dist.py), on this CPU with gloo: two processes train as one does, and write a checkpoint
 that loads; graft.py --experiment and report.py's stages give one process's numbers; a failure on one rank (a
 stage's, or rank 0's save) ends or is recorded by every rank, none waits forever; wrong launches end with one line;
 big checkpoints are written as shards with an index.
@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint as C
-import outputs as O
+from checkpoint_io import checkpoint as C, outputs as O
 import data
 import graft
 import report

@@ -18,10 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 
-import default_model
-import checkpoint as C
+from checkpoint_io import default_model, checkpoint as C
 import graft as G
-import outputs as O
+from checkpoint_io import outputs as O
 import model as M
 import train as T
 

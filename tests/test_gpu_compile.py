@@ -7,7 +7,7 @@ resources. Here we assert what the hardware needs: shared memory within the GPU'
 launch fails), no spilled registers (slow, and local memory the driver reserves outside PyTorch's allocator),
 and tensor-core instructions for 16-bit inputs (wgmma on sm_90, mma on sm_80).
 
-It runs in a subprocess: compiling needs TRITON_INTERPRET=0 when kernels/ is imported, and this process
+It runs in a subprocess: compiling needs TRITON_INTERPRET=0 when fused_kernels/ is imported, and this process
 interprets. The variants are the model families' own (bench/offline_compile.py; GPU_COMPILE_ALL=1 compiles the
 full grid, ~10 min); results are cached in pytest's cache, keyed by the kernels' sources and Triton's version,
 and Triton caches the compiled kernels, so a second run takes seconds.
@@ -45,7 +45,7 @@ def rows(request, tmp_path_factory):
         pytest.skip(f"Triton's bundled {', '.join(missing)} not found: cannot compile for a GPU here "
                     "(set TRITON_PTXAS_PATH / TRITON_CUOBJDUMP_PATH to a CUDA toolkit's)")
     full = os.environ.get("GPU_COMPILE_ALL") == "1"
-    sources = sorted((ROOT / "kernels").glob("*.py")) + [SCRIPT]
+    sources = sorted((ROOT / "fused_kernels").glob("*.py")) + [SCRIPT]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)
                          + f"{triton.__version__} {full}".encode()).hexdigest()[:16]
     cached = request.config.cache.get(f"gpu_compile/{key}", None)

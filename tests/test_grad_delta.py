@@ -1,4 +1,4 @@
-"""Tests for kernels/grad_delta.py: the informative score of one linear map per position and group (eq. 4/7).
+"""Tests for fused_kernels/grad_delta.py: the informative score of one linear map per position and group (eq. 4/7).
 
 The Triton kernel is checked against the torch twin, and the twin against a float64 brute force.
 On a CPU the kernel runs in Triton's interpreter (tests/conftest.py); run with TRITON_INTERPRET=0 on a GPU to test
@@ -7,11 +7,11 @@ the compiled one.
 import pytest
 import torch
 
-from kernels import backend
+from fused_kernels import backend
 
 pytest.importorskip("triton", reason="Triton is not installed (no wheels for this platform): the kernel is not "
                     "tested; scores.py runs the torch twin")
-from kernels.grad_delta import grad_delta, grad_delta_torch, grad_delta_triton  # noqa: E402
+from fused_kernels.grad_delta import grad_delta, grad_delta_torch, grad_delta_triton  # noqa: E402
 
 IMPL = {"triton": grad_delta_triton, "torch": grad_delta_torch}
 # tests/conftest.py sets TRITON_INTERPRET=1 unless it is set: a CPU runs the kernel in Triton's interpreter.

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graft as G
-import checkpoint as C
+from checkpoint_io import checkpoint as C
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-import checkpoint as C
+from checkpoint_io import checkpoint as C
 import model as M
 
 transformers = pytest.importorskip("transformers")

@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint as C
-import outputs as O
+from checkpoint_io import checkpoint as C, outputs as O
 import data
 import graft
 import scores

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import paper
+from paper_report import paper
 import report as R
 
 

@@ -9,7 +9,7 @@ import graft
 import report
 import scores
 import train
-from checkpoint import DEFAULT_NAME
+from checkpoint_io.checkpoint import DEFAULT_NAME
 
 pytest.importorskip("transformers")
 HUB_ID, REV = "allenai/OLMo-7B-0424-hf", "step477000-tokens2000B"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import data
-import checkpoint as C
+from checkpoint_io import checkpoint as C
 import exact as X
 import scores as S
 

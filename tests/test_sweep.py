@@ -1,5 +1,5 @@
-"""sweep.py (the lr x epochs grid and the gentle cell), the replay ordering, evaluation at the last epoch only,
-and the salience correlation: on a tiny random model, and on stub stage outputs rendered into REPORT.md."""
+"""paper_report/sweep.py (the lr x epochs grid and the gentle cell), the replay ordering, evaluation at the last epoch
+only, and the salience correlation: on a tiny random model, and on stub stage outputs rendered into REPORT.md."""
 import json
 
 import numpy as np
@@ -7,12 +7,11 @@ import pytest
 import torch
 
 import data
-import preconditions
+from paper_report import preconditions
 import report as R
-import stats
-import sweep
+from paper_report import stats, sweep
 import train
-from checkpoint import from_pretrained, load_tokenizer
+from checkpoint_io.checkpoint import from_pretrained, load_tokenizer
 
 pytest.importorskip("transformers")
 
@@ -141,8 +140,7 @@ def test_midranks_share_ties_and_spearman_is_pearson_of_ranks():
 def test_salience_of_a_constant_known_hop_is_undefined_not_nan():
     """Gemma 3 270M ranks every city's language at 0: rho with a constant is undefined, so results.json holds
     null (JSON has no NaN) and REPORT.md says so, while the margin's rho is still computed."""
-    import collect
-    import render
+    from paper_report import collect, render
     margin = np.linspace(-2, 3, 20)
     sal = {hop: {"base_margin": margin.tolist(), "base_rank": [0.0] * 20, "impl_rank": (10 - 2 * margin).tolist()}
            for hop in sweep.HOPS}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
-import checkpoint as C
+from checkpoint_io import checkpoint as C
 import train
 
 transformers = pytest.importorskip("transformers")
@@ -184,7 +184,7 @@ def test_bad_input_gets_one_line_error(tiny_dir, small_json, tmp_path):
 FAULTS_SCRIPT = """
 import ctypes, resource, sys, torch
 sys.path.insert(0, {root!r})
-import speedups
+from run_setup import speedups
 mallopt = ctypes.CDLL("libc.so.6").mallopt   # start from glibc's documented defaults, not what imports made of them
 assert mallopt(speedups.M_TRIM_THRESHOLD, 128 * 1024) and mallopt(speedups.M_MMAP_THRESHOLD, 128 * 1024)
 if sys.argv[1] == "keep":

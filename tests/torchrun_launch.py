@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dist                                                       # noqa: E402
+from run_setup import dist                                                       # noqa: E402
 import report                                                     # noqa: E402
-import sweep                                                      # noqa: E402
+from paper_report import sweep                                                      # noqa: E402
 import train                                                      # noqa: E402
-from outputs import work_dir                                      # noqa: E402
+from checkpoint_io.outputs import work_dir                                      # noqa: E402
 
 KEEP = ("preconditions", "first_hop", "scores_first_hop", "freeze_post_first_hop", "first_hop_early_pre")
 REFUSED = "first_hop_early_pre"                                   # its output directory is a user's

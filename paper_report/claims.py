@@ -1,7 +1,7 @@
 """The paper's claims as a table: each claim's wording, its precondition, its criterion (wording and function)
 and its evidence, as small functions over collect()'s results. Verdicts are on the means over seeds; where a
 claim compares two conditions measured on the same seeds, the difference must also hold across seeds (paired
-sign-flip test, stats.py).
+sign-flip test, paper_report/stats.py).
 
     reproduced    every part of the criterion holds
     partly        the part named in the criterion holds, not all
@@ -12,8 +12,8 @@ sign-flip test, stats.py).
 """
 from collections import namedtuple
 
-import paper
-from stats import mean, mean_se, paired, show
+from paper_report import paper
+from paper_report.stats import mean, mean_se, paired, show
 
 HOPS = ("first_hop", "second_hop")
 ORDERS = ("facts_first", "impl_first", "joint")

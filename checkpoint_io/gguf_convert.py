@@ -1,6 +1,6 @@
 """GGUF (llama.cpp's format) -> an ordinary Hugging Face checkpoint: config.json from the metadata, fp32 weights
 under the Hugging Face keys, tokenizer.json from the vocabulary. One set of functions per architecture, named in
-default_model.EMBEDDED; default_model.py runs them once into the cache."""
+default_model.EMBEDDED; checkpoint_io/default_model.py runs them once into the cache."""
 import numpy as np
 import torch
 

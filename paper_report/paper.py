@@ -1,6 +1,7 @@
 """Every number of the paper (Feng, Russell, Steinhardt, arXiv 2412.04614; OLMo-7B) that our report compares
-against, each with where in /work/shared/paper.md it comes from. Nothing else lives here, and this module
-imports nothing of ours, so that graft.py, the claims and the renderer can all read the one copy."""
+against, each with where in the paper it comes from (lines of its Markdown copy, paper.md). Nothing else lives
+here, and this module imports nothing of ours, so that graft.py, the claims and the renderer can all read the
+one copy."""
 
 # --- the metric (Sec. 3, paper.md line 78) ------------------------------------------------------------------
 

@@ -5,18 +5,17 @@ Layout under --work/seed{s}: first_hop/ and second_hop/metrics.json (train.py), 
 (scores.py), freeze_post_{hop}.json, {hop}_{early,late}_pre/metrics.json, graft/results.json (graft.py
 --experiment), daxwug_{impl_first,joint,facts_first_replay}/metrics.json, preconditions.json (the base model's
 knowledge, preconditions.base_knowledge), salience.json (preconditions.salience), stage_times.json; with --grid,
-grid/ (sweep.py) and gentle_lr{lr}_ep{epochs}/ (graft/ and the daxwug orderings again, at the grid's gentlest
-cell).
+grid/ (paper_report/sweep.py) and gentle_lr{lr}_ep{epochs}/ (graft/ and the daxwug orderings again, at the grid's
+gentlest cell).
 """
 import json
 from pathlib import Path
 
 import torch
 
-import paper
-import sweep
-from claims import ALL_ORDERS, HOPS, LATE
-from stats import fig6_stats, midranks, pearson, spearman_pooled
+from paper_report import paper, sweep
+from paper_report.claims import ALL_ORDERS, HOPS, LATE
+from paper_report.stats import fig6_stats, midranks, pearson, spearman_pooled
 
 T2_ROWS = tuple(paper.TABLE2)
 

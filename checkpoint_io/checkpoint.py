@@ -3,7 +3,7 @@
 A checkpoint directory holds `config.json`, `*.safetensors` (or shards listed in `model.safetensors.index.json`)
 and `tokenizer.json`: what `transformers` saves, so ours and theirs load each other's. `from_pretrained` builds
 the model on the meta device and assigns the weights (gpt-fast's recipe): no second copy is ever allocated.
-Every output is written through outputs.py (one rule: nothing lost).
+Every output is written through checkpoint_io/outputs.py (one rule: nothing lost).
 """
 import json
 import shutil
@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from config import Config
 from model import Transformer
-from outputs import UserError
+from checkpoint_io.outputs import UserError
 
-DEFAULT_NAME = "smollm2-135m"      # the embedded default model (default_model.py)
+DEFAULT_NAME = "smollm2-135m"      # the embedded default model (checkpoint_io/default_model.py)
 # what a checkpoint directory carries besides its weights (copied from the source model when we write one);
 # the license and notice files too: the Gemma terms require them with every copy of the weights or a derivative
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -30,7 +30,7 @@ SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special
 def resolve(name_or_path, revision=None) -> Path:
     """A checkpoint directory: an embedded model's cache, a local directory, or a hub snapshot (at `revision`: a
     branch, tag or commit; only a hub id has revisions)."""
-    from default_model import EMBEDDED, embedded_checkpoint
+    from checkpoint_io.default_model import EMBEDDED, embedded_checkpoint
     p = Path(name_or_path)
     if revision is not None and (str(name_or_path) in EMBEDDED or p.is_dir()):
         what = "the embedded default, converted from its GGUF" if str(name_or_path) in EMBEDDED else "a local directory"
@@ -58,11 +58,11 @@ def embedded_hint(name):
     try:
         yield
     except UserError as e:
-        from default_model import EMBEDDED
+        from checkpoint_io.default_model import EMBEDDED
         if str(name) not in EMBEDDED:
             raise
         raise UserError(f"{e}; the converted cache of {name} is damaged: rebuild it with "
-                        f"`python default_model.py --model {name} --force`") from None
+                        f"`python -m checkpoint_io.default_model --model {name} --force`") from None
 
 
 def read_json(f: Path, what="file"):
@@ -140,8 +140,8 @@ def text_keys(sf, multimodal: bool):
 
 def weights(path: Path, cfg: Config, expected):
     """(name, tensor) for every weight of the checkpoint at `path`, each checked against `expected` (name ->
-    tensor of the right shape, e.g. a meta model's state_dict): the one reader of from_pretrained and of dist.py's
-    sharded loading. A multimodal checkpoint gives its text model's weights, under our names."""
+    tensor of the right shape, e.g. a meta model's state_dict): the one reader of from_pretrained and of
+    run_setup/dist.py's sharded loading. A multimodal checkpoint gives its text model's weights, under our names."""
     mm = multimodal(path)
     for f in safetensors_files(path):
         try:

@@ -1,13 +1,13 @@
-"""The Triton kernel of kernels/grad_delta.py and its launch.
+"""The Triton kernel of fused_kernels/grad_delta.py and its launch.
 
-Imported only when the kernel launches (kernels.grad_delta.grad_delta_triton), so that the project imports and
-runs where Triton is not installed. What it fuses and what memory traffic it saves: kernels/grad_delta.py.
+Imported only when the kernel launches (fused_kernels.grad_delta.grad_delta_triton), so that the project imports and
+runs where Triton is not installed. What it fuses and what memory traffic it saves: fused_kernels/grad_delta.py.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels import backend
+from fused_kernels import backend
 
 
 # --- Triton kernel ----------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def _block(width, cap):
 
 
 def launch(g, x, dW, n_groups, split):
-    """grad_delta (kernels/grad_delta.py) by the kernel, for shapes already checked there."""
+    """grad_delta (fused_kernels/grad_delta.py) by the kernel, for shapes already checked there."""
     if split == "in":                                            # score_in(g, x, dW) = score_out(x, g, dW^T)
         g, x, dW = x, g, dW.t()                                  # dW.t() is a view: strides swap, no copy
     N, O = g.shape

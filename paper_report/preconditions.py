@@ -10,10 +10,11 @@ report.py runs it as a stage and writes its dict to seed{s}/preconditions.json.
 salience goes beyond the paper, after Ghosal et al. ("Understanding Finetuning for Factual Knowledge Extraction":
 finetuning on facts the model knows well generalizes better): per implication, how well the base model knows its
 known hop (its logit margin and rank on the pair's own city -> language or landmark -> city) against the rank of
-that implication after the finetune. report.py writes it to seed{s}/salience.json; collect.py correlates them.
+that implication after the finetune. report.py writes it to seed{s}/salience.json; paper_report/collect.py correlates
+them.
 """
 import data
-import dist
+from run_setup import dist
 
 
 def city_language(city, language):

@@ -14,12 +14,12 @@ relative, lr 3e-6, survives; in bf16 weights it would round away):
   offload=True     m and v live in host memory (pinned on CUDA); each parameter's step copies them to the device,
                    runs the same fused kernel, and copies them back: the fp32 update, bit for bit, for 8 bytes less
                    device memory a parameter and 16 bytes of host<->device traffic a parameter a step.
-Under FSDP2 (dist.py) the parameters are sharded DTensors; FSDP2 calls their post-accumulate-grad hooks with the
-reduced gradient shard, so the same hook steps each rank's shard (the optimizer works on the local tensors).
+Under FSDP2 (run_setup/dist.py) the parameters are sharded DTensors; FSDP2 calls their post-accumulate-grad hooks with
+the reduced gradient shard, so the same hook steps each rank's shard (the optimizer works on the local tensors).
 """
 import torch
 
-import speedups
+from run_setup import speedups
 
 
 def local(t):

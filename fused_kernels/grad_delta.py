@@ -24,13 +24,13 @@ score_in(g, x, dW) = score_out(x, g, dW^T): the wrapper swaps the roles and pass
 so there is one kernel and no copy.
 
 No backward: the score is a measurement, never differentiated. The Triton kernel lives in
-kernels/triton_grad_delta.py, imported only when it launches, so that machines without Triton run the twin.
+fused_kernels/triton_grad_delta.py, imported only when it launches, so that machines without Triton run the twin.
 """
 import torch
 
-from kernels import backend
+from fused_kernels import backend
 
-# What the kernel takes (kernels/triton_grad_delta.py; compiled for these in tests/test_gpu_compile.py). g, x and
+# What the kernel takes (fused_kernels/triton_grad_delta.py; compiled for these in tests/test_gpu_compile.py). g, x and
 # dW may differ (fp32 dW with bf16 activations); fp64 and the rest go to the twin.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,7 +52,7 @@ def grad_delta_torch(g, x, dW, n_groups, split):
 def grad_delta_triton(g, x, dW, n_groups, split):
     check_arguments(g, x, dW, n_groups, split)
     backend.check_kernel_inputs("grad_delta", KERNEL_DTYPES, g, x, dW)
-    from kernels.triton_grad_delta import launch                 # imports Triton: only when a kernel launches
+    from fused_kernels.triton_grad_delta import launch                 # imports Triton: only when a kernel launches
     return launch(g, x, dW, n_groups, split)
 
 
@@ -81,7 +81,7 @@ def grad_delta(g, x, dW, n_groups, split):
 
     g: (N, O) dR/dy at the map's output, x: (N, I) its input, dW: (O, I) = W' - W. split "out" groups the
     rows of dW (q/k/v heads), "in" its columns (o_proj heads). The Triton kernel for CUDA tensors of dtypes
-    it takes, the torch twin otherwise (kernels/backend.py).
+    it takes, the torch twin otherwise (fused_kernels/backend.py).
     """
     check_arguments(g, x, dW, n_groups, split)
     takes = all(t.dtype in KERNEL_DTYPES for t in (g, x, dW))

@@ -18,13 +18,13 @@ that chooses another cell never mixes with an earlier one).
 """
 import dataclasses
 
-import dist
-import paper
+from run_setup import dist
+from paper_report import paper
 import train
-from claims import HOPS, LEARNED, CLEAR, consistent, fmt, fmt_diff
-from checkpoint import read_json
-from outputs import write_json
-from stats import mean, paired
+from paper_report.claims import HOPS, LEARNED, CLEAR, consistent, fmt, fmt_diff
+from checkpoint_io.checkpoint import read_json
+from checkpoint_io.outputs import write_json
+from paper_report.stats import mean, paired
 
 LRS = (3e-5, 1e-4, 3e-4, 1e-3)       # the authors swept {1e-6, 3e-6, 1e-5, 3e-5} for 7B models; ours is 135M
 EPOCHS = (4, 8, 12, 16)              # the authors' epochs
@@ -164,7 +164,7 @@ def grid_section(res, img):
     n = len(res["seeds"])
     L = ["## Learning rate x epochs grid", "",
          f"Each cell: one finetune per seed at that peak lr and number of epochs (warmup and linear decay as "
-         f"everywhere), ranks after the last epoch; fact / implication mean rank, seed mean (sweep.py). "
+         f"everywhere), ranks after the last epoch; fact / implication mean rank, seed mean (paper_report/sweep.py). "
          f"Learned: fact rank <= {LEARNED}. OCR: facts learned and the implication rank >= {CLEAR} below the "
          f"base model's (Table 2 All) on every seed (paired).", "", img("grid", "grid heatmaps"), ""]
     for hop in HOPS:

@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.distributed as torch_dist
 
-from checkpoint import UserError, from_pretrained, load_config, resolve, weights
+from checkpoint_io.checkpoint import UserError, from_pretrained, load_config, resolve, weights
 from model import Transformer
 
 
@@ -93,8 +93,9 @@ def main_log(log):
 
 
 def fresh_copy(base):
-    """train.run's `model` for a training stage of report.py or sweep.py: in one process a copy of the base model
-    that `base()` loaded once; under torchrun None, and train.run loads the base sharded, so no rank holds it whole."""
+    """train.run's `model` for a training stage of report.py or paper_report/sweep.py: in one process a copy of the
+    base model that `base()` loaded once; under torchrun None, and train.run loads the base sharded, so no rank
+    holds it whole."""
     return copy.deepcopy(base()) if world_size() == 1 else None
 
 

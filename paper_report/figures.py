@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-import paper
-import sweep
-from claims import ALL_ORDERS, HOPS
-from render import _write
-from stats import show
+from paper_report import paper, sweep
+from paper_report.claims import ALL_ORDERS, HOPS
+from paper_report.render import _write
+from paper_report.stats import show
 
 
 def _band(ax, runs, key, x_of, **kw):

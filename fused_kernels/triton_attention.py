@@ -1,19 +1,19 @@
-"""The Triton kernels of kernels/attention.py (FlashAttention-2 forward and backward) and their launches.
+"""The Triton kernels of fused_kernels/attention.py (FlashAttention-2 forward and backward) and their launches.
 
-Imported only when a kernel launches (kernels.attention.attention_triton), so that the project imports and runs
+Imported only when a kernel launches (fused_kernels.attention.attention_triton), so that the project imports and runs
 where Triton is not installed. What the kernels fuse, and how they differ from the twin, is in the docstring
-of kernels/attention.py.
+of fused_kernels/attention.py.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels import backend
+from fused_kernels import backend
 
 # --- Triton kernels: helpers shared by the forward and backward passes -----------------------------
 
 # @triton.jit decides when this module is imported whether it compiles for the GPU or runs in Triton's
-# CPU interpreter (TRITON_INTERPRET=1); the same switch, read once in kernels/backend.py, selects the
+# CPU interpreter (TRITON_INTERPRET=1); the same switch, read once in fused_kernels/backend.py, selects the
 # workarounds in _dot and _cast.
 _INTERPRETED = tl.constexpr(backend.INTERPRET)
 

@@ -7,9 +7,9 @@ soft-cap `softcap * tanh(x / softcap)`, and mask allowing s <= t, t - s < window
 
 Shapes: B batch, H query heads, K key/value heads, T positions, E head dim.
 
-The torch twin (`attention_torch`) is the definition; the Triton kernel (kernels/triton_attention.py, imported
+The torch twin (`attention_torch`) is the definition; the Triton kernel (fused_kernels/triton_attention.py, imported
 only when it launches, so that machines without Triton run the twin) must match it. `attention` picks one of
-the two through kernels/backend.py: the kernel for CUDA tensors it takes (kernel_takes), the twin otherwise.
+the two through fused_kernels/backend.py: the kernel for CUDA tensors it takes (kernel_takes), the twin otherwise.
 
 What the kernel fuses (FlashAttention-2, Dao 2023): scores, soft-cap, masks, softmax and the product with V,
 one tile of BLOCK_M queries at a time, with an online softmax over tiles of BLOCK_N keys. The twin writes
@@ -27,16 +27,16 @@ No real token has such a row; the loss must ignore padded positions anyway.
 """
 import torch
 
-from kernels import backend
+from fused_kernels import backend
 
-# What the kernel takes (kernels/triton_attention.py; compiled for each in tests/test_gpu_compile.py); fp64
+# What the kernel takes (fused_kernels/triton_attention.py; compiled for each in tests/test_gpu_compile.py); fp64
 # and the rest go to the twin. The model sends fp32 and bf16; fp16 shares bf16's tiles.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_takes(q):
     """Inputs that attention() sends to the kernel on CUDA: its dtypes and head dims up to 256, except fp32 with
-    E > 128 (Gemma 2), whose tiles spill registers however small (kernels/triton_attention.py, TILES)."""
+    E > 128 (Gemma 2), whose tiles spill registers however small (fused_kernels/triton_attention.py, TILES)."""
     E = q.shape[-1]
     return q.dtype in KERNEL_DTYPES and E <= (128 if q.dtype == torch.float32 else 256)
 
@@ -78,13 +78,13 @@ def attention_triton(q, k, v, *, scale, softcap=None, window=None, attention_mas
         raise ValueError(f"expected q (B, H, T, E) and k, v (B, K, T, E) with K dividing H; got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     backend.check_kernel_inputs("attention", KERNEL_DTYPES, q, k, v)
-    from kernels.triton_attention import TritonAttention     # imports Triton: only when a kernel launches
+    from fused_kernels.triton_attention import TritonAttention     # imports Triton: only when a kernel launches
     return TritonAttention.apply(q, k, v, scale, softcap, window, attention_mask)
 
 
 # --- dispatch: one place chooses the implementation -------------------------------------------------
 
 def attention(q, k, v, *, scale, softcap=None, window=None, attention_mask=None):
-    """The Triton kernel for CUDA tensors it takes, the torch twin otherwise (kernels/backend.py)."""
+    """The Triton kernel for CUDA tensors it takes, the torch twin otherwise (fused_kernels/backend.py)."""
     impl = attention_triton if backend.use_triton(q, kernel_takes(q)) else attention_torch
     return impl(q, k, v, scale=scale, softcap=softcap, window=window, attention_mask=attention_mask)

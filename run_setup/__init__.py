@@ -1,0 +1,1 @@
+"""How a run runs: argument checks, the optimizer, FSDP2 under torchrun, CPU speedups."""
