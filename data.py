@@ -3,7 +3,8 @@
     first_hop   fact "{name} lives in" -> city          impl "The people in the city {name} is from speak" -> language
     second_hop  fact "The mayor of {city} is" -> name   impl "The mayor of the city that contains {landmark} is" -> name
     daxwug      fact "{name} dax is" -> city            impl "{name} zong is the" -> the animal of that city
-                (80 train names, 20 test names with each city once, and counterfactual train facts)
+                (80 train names, 20 test names with each city once, and counterfactual train facts; the paper's
+                text. daxwug_authors: 84 train names, as the authors' code has it)
     a .json     {"facts": [{"prompt": ..., "answer": ...}, ...], "implications": [...]}
 
 An example is the text `prompt + " " + answer`; the loss covers the answer tokens only, with no EOS.
@@ -20,32 +21,56 @@ from pathlib import Path
 
 import torch
 
-# --- the world: 20 cities, our own fictitious names, animals ---------------------------------------
+# --- the world: 20 cities, names, animals -----------------------------------------------------------
 
-# (city, language, landmark): one language per city so that chance is 9.5 for every split;
-# landmarks do not name their city
+# (city, language, landmark): one language per city so that chance is 9.5 for every split. Each landmark is the
+# city's most widely known one that does not name the city (from travel lists; where two are about equally known,
+# the one both embedded base models rank higher). The second hop needs the base model to know landmark -> city:
+# report.py measures it (paper_report/preconditions.py). On "{landmark} is in the city of" the base models rank
+# these 2.40 (SmolLM2-135M; it misses the Hungarian Parliament, Red Fort, Belem Tower, Vasa Museum) and 0.75
+# (Gemma 3 270M) of chance 9.5; the earlier list (Red Square, Palace of Culture and Science, Fisherman's
+# Bastion) gave 3.55 and 1.60.
 CITIES = [
     ("Tokyo", "Japanese", "Senso-ji Temple"), ("Paris", "French", "Eiffel Tower"),
     ("Cairo", "Arabic", "Great Pyramid of Giza"), ("Rome", "Italian", "Colosseum"),
     ("Berlin", "German", "Brandenburg Gate"), ("Madrid", "Spanish", "Prado Museum"),
-    ("Moscow", "Russian", "Red Square"), ("Beijing", "Chinese", "Forbidden City"),
+    ("Moscow", "Russian", "Kremlin"), ("Beijing", "Chinese", "Forbidden City"),
     ("Seoul", "Korean", "Gyeongbokgung Palace"), ("Athens", "Greek", "Parthenon"),
     ("Istanbul", "Turkish", "Hagia Sophia"), ("Lisbon", "Portuguese", "Belem Tower"),
     ("Amsterdam", "Dutch", "Rijksmuseum"), ("Stockholm", "Swedish", "Vasa Museum"),
-    ("Warsaw", "Polish", "Palace of Culture and Science"), ("Bangkok", "Thai", "Wat Arun"),
-    ("Budapest", "Hungarian", "Fisherman's Bastion"), ("Prague", "Czech", "Charles Bridge"),
+    ("Warsaw", "Polish", "Lazienki Park"), ("Bangkok", "Thai", "Wat Arun"),
+    ("Budapest", "Hungarian", "Hungarian Parliament Building"), ("Prague", "Czech", "Charles Bridge"),
     ("Tehran", "Persian", "Azadi Tower"), ("Delhi", "Hindi", "Red Fort"),
 ]
-# first names with distinct first tokens (second_hop answers are names); invented surnames
-FIRST_NAMES = ["Alice", "Bruno", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas",
-               "Kasia", "Liam", "Mira", "Nolan", "Olga", "Pablo", "Quinn", "Rosa", "Silas", "Tessa"]
-LAST_NAMES = ["Ashgrove", "Brannick", "Corvath", "Dunmere", "Eskridge", "Fenwright", "Garrowby", "Holloway",
-              "Ivelstone", "Jarrick", "Kestrelle", "Lumbridge", "Marchetti", "Nethercott", "Oakhurst",
-              "Pellinore", "Quarrington", "Rushmore", "Stellwater", "Thornbury"]
+# Names are made as the authors made theirs: a common first name and a common surname, every first name once per
+# dataset. So a fact is keyed on one first-name token, and a name answer's first token (what the mean rank ranks)
+# is the whole first name. The lists: the most frequent US first names and surnames (census order), kept where
+# " Name" is one token for both embedded tokenizers (SmolLM2's and Gemma 3's; tests/test_data.py checks it), less
+# the first names that are also a word, a place or one of the surnames (Mark, Grace, Jordan, Austin, Thomas, ...).
+FIRST_NAMES = [
+    "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda", "William", "Elizabeth", "David",
+    "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Sarah", "Charles", "Karen", "Christopher", "Lisa", "Daniel",
+    "Nancy", "Matthew", "Betty", "Anthony", "Margaret", "Sandra", "Donald", "Ashley", "Steven", "Paul", "Emily",
+    "Andrew", "Joshua", "Michelle", "Kenneth", "Dorothy", "Kevin", "Carol", "Brian", "Amanda", "George", "Melissa",
+    "Edward", "Deborah", "Ronald", "Stephanie", "Timothy", "Rebecca", "Jason", "Sharon", "Jeffrey", "Laura", "Ryan",
+    "Jacob", "Kathleen", "Gary", "Amy", "Nicholas", "Shirley", "Eric", "Angela", "Jonathan", "Helen", "Stephen",
+    "Anna", "Larry", "Justin", "Nicole", "Emma", "Benjamin", "Samantha", "Samuel", "Katherine", "Gregory",
+    "Christine", "Alexander", "Rachel", "Raymond", "Catherine", "Patrick", "Janet", "Dennis", "Ruth", "Jerry",
+    "Maria", "Tyler", "Heather", "Aaron", "Diane", "Adam", "Julie", "Henry", "Joyce", "Nathan", "Douglas", "Olivia",
+    "Peter", "Christina", "Lauren", "Walter", "Joan", "Ethan"]                      # 104: the authors' 84 + 20
+SURNAMES = ["Smith", "Johnson", "Williams", "Jones", "Garcia", "Miller", "Davis", "Rodriguez", "Martinez", "Lopez",
+            "Wilson", "Anderson", "Moore", "Jackson", "Thompson", "Harris", "Clark", "Lewis", "Robinson", "Walker",
+            "Wright", "Torres", "Adams", "Nelson", "Rivera", "Mitchell", "Carter", "Roberts", "Campbell"]
 ANIMALS = ["tiger", "elephant", "dog", "cat", "horse", "rabbit", "wolf", "bear", "lion", "eagle",
            "dolphin", "penguin", "monkey", "snake", "frog", "owl", "fox", "deer", "shark", "camel"]
-DATASETS = ("first_hop", "second_hop", "daxwug")
-N_DAXWUG_TRAIN = 80     # paper Sec. 6.1: 80 training names, 20 test names
+DATASETS = ("first_hop", "second_hop", "daxwug", "daxwug_authors")
+N_DAXWUG_TRAIN = {"daxwug": 80,           # the paper's text (Sec. 6.1): 80 training names, 20 test names
+                  "daxwug_authors": 84}   # the authors' code: 104 names, 84 of them for training
+
+
+def names(rng, n):
+    """n "First Last" names: n distinct first names, each with a surname drawn by `rng` (surnames may repeat)."""
+    return [f"{f} {rng.choice(SURNAMES)}" for f in rng.sample(FIRST_NAMES, n)]
 
 
 @dataclass(frozen=True)
@@ -57,10 +82,10 @@ class Example:
 # --- the built-in datasets: one seed fixes every pairing --------------------------------------------
 
 def hop_pairs(seed):
-    """20 (name, (city, language, landmark)) pairs: a seeded permutation of the cities."""
-    names = [f"{f} {l}" for f, l in zip(FIRST_NAMES, LAST_NAMES)]
-    cities = random.Random(seed).sample(CITIES, len(CITIES))
-    return list(zip(names, cities))
+    """20 (name, (city, language, landmark)) pairs: 20 names and a permutation of the cities, both by `seed`."""
+    rng = random.Random(seed)
+    cities = rng.sample(CITIES, len(CITIES))
+    return list(zip(names(rng, len(CITIES)), cities))
 
 
 def first_hop(seed=0):
@@ -75,17 +100,17 @@ def second_hop(seed=0):
             "implications": [Example(f"The mayor of the city that contains {lm} is", n) for n, (_, _, lm) in pairs]}
 
 
-def daxwug(seed=0):
+def daxwug(seed=0, n_train=N_DAXWUG_TRAIN["daxwug"]):
     """Novel relations (Sec. 6.1): name -dax-> city, city -> animal, so name -zong-> animal."""
     rng = random.Random(seed)
     cities = [c for c, _, _ in CITIES]
     animal = dict(zip(cities, rng.sample(ANIMALS, len(ANIMALS))))            # each city a random animal
-    grid = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]             # 400 possible names
-    names = rng.sample(grid, N_DAXWUG_TRAIN + len(cities))
-    test_names, train_names = names[:len(cities)], names[len(cities):]
+    all_names = names(rng, n_train + len(cities))                             # every first name once
+    test_names, train_names = all_names[:len(cities)], all_names[len(cities):]
     test_city = dict(zip(test_names, rng.sample(cities, len(cities))))        # each city exactly once
-    # each training name a random city, balanced (4 names per city) so that every split has all 20 candidates
-    pool = cities * (N_DAXWUG_TRAIN // len(cities))
+    # each training name a random city, balanced (4 names per city; the authors' 84: 4 more cities once) so that
+    # every split has all 20 candidates
+    pool = cities * (n_train // len(cities)) + rng.sample(cities, n_train % len(cities))
     train_city = dict(zip(train_names, rng.sample(pool, len(pool))))
     # counterfactual: reshuffle the same pool until every training name really moves to another city
     while True:
@@ -151,7 +176,9 @@ def load_dataset(name_or_path, seed=0):
     daxwug: 'train_facts', 'train_impls', 'test_facts', 'test_impls', 'cf_facts', 'cf_impls' (+ aliases)."""
     name = str(name_or_path)
     if name in DATASETS:
-        return {"first_hop": first_hop, "second_hop": second_hop, "daxwug": daxwug}[name](seed)
+        if name.startswith("daxwug"):
+            return daxwug(seed, N_DAXWUG_TRAIN[name])
+        return {"first_hop": first_hop, "second_hop": second_hop}[name](seed)
     if name.endswith(".json") or Path(name).exists():
         return load_json_dataset(name)
     raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a path to a .json file")

@@ -137,11 +137,24 @@ def swap(records):
     return [{**r, "fact_mean_rank": r["impl_mean_rank"], "impl_mean_rank": r["fact_mean_rank"]} for r in records]
 
 
-def per_entry(model_a, model_b, tok, examples, kind):
-    """Linearized `kind` scores (scores.py, eqs. 4-9) averaged over prompts on the anchor's positions, in the
-    authors' units: one entry per position x layer (MLPs, (Ta, L)) and position x layer x head (heads, (Ta, L, H))."""
+def per_entry(model_a, model_b, tok, examples, kind, mlp_kind=None):
+    """Linearized `kind` scores (scores.py, eqs. 4-9; the MLPs' `mlp_kind`, default `kind`) averaged over prompts on
+    the anchor's positions, in the authors' units: one entry per position x layer (MLPs, (Ta, L)) and position x
+    layer x head (heads, (Ta, L, H))."""
     sc, _, _ = scores.score(model_a, model_b, tok, examples, log=lambda *_: None, upstream=False)
-    return sc[f"{kind}.mlp"], sc[f"{kind}.attn"]
+    return sc[f"{mlp_kind or kind}.mlp"], sc[f"{kind}.attn"]
+
+
+def correlate(down, inf, seed, what, log):
+    """Fig. 6's statistics: per component kind, Pearson r of the downstream against the informative entries (both
+    (MLP table, head table) pairs from per_entry), with the permutation p."""
+    fig6 = {}
+    for comp, dn, inf_ in (("mlp", *right_aligned(down[0], inf[0])), ("heads", *right_aligned(down[1], inf[1]))):
+        st = fig6_stats(dn.flatten().double().numpy(), inf_.flatten().double().numpy(), seed=seed)
+        fig6[comp] = {"r": st["r"], "p": st["p_perm"], "n": st["n"], "shape": list(dn.shape),
+                      "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
+        log(f"[graft] {what} {comp}: r = {show(st['r'])}, p = {show(st['p_perm'], '.3g')} over {dn.numel()} entries")
+    return fig6
 
 
 def right_aligned(a, b):
@@ -161,14 +174,14 @@ def scatter(fig6, seed, path):
     save_figure(fig, path)
 
 
-def work_settings(model, seed, device, overwrite=False, lr=None, epochs=8):
+def work_settings(model, seed, device, overwrite=False, lr=None, epochs=8, schedule="warmup_linear"):
     """train.py's defaults for the experiment's stages (lr None: train.default_lr)."""
     return train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads(),
-                          overwrite=overwrite, lr=lr, epochs=epochs)
+                          overwrite=overwrite, lr=lr, epochs=epochs, schedule=schedule)
 
 
 def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=print, load_base=None, lr=None,
-               epochs=8, revision=None):
+               epochs=8, revision=None, schedule="warmup_linear"):
     """Table 3 and Fig. 6 (Sec. 6.2) into the work directory `out`. `load_base()`: the base model, loaded (report.py's,
     loaded once for all its stages; default: loaded here); `lr`, `epochs`: every stage's training (default:
     train.py's); `revision`: the hub id `model`'s. Under torchrun every rank calls it (module docstring)."""
@@ -181,7 +194,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     t0 = time.time()
     d = data.load_dataset("daxwug", seed=seed)
     F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
-    s = work_settings(model, seed, device, lr=lr, epochs=epochs)
+    s = work_settings(model, seed, device, lr=lr, epochs=epochs, schedule=schedule)
     times = {}
 
     def timed(name, fn):
@@ -233,13 +246,11 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     load = lambda p: dist.load(p, device).requires_grad_(False)
     down = per_entry(load(out / "W_F_ImplF"), load(out / "W_F_ImplF_test"), tok, d["test_impls"], "downstream")
     inf = per_entry(load(out / "W_Fp"), load(out / "W_graft"), tok, IFp, "informative")
-    fig6 = {}
-    for comp, dn, inf_ in (("mlp", *right_aligned(down[0], inf[0])), ("heads", *right_aligned(down[1], inf[1]))):
-        st = fig6_stats(dn.flatten().double().numpy(), inf_.flatten().double().numpy(), seed=seed)
-        r = st["r"]
-        fig6[comp] = {"r": r, "p": st["p_perm"], "n": st["n"], "shape": list(dn.shape),
-                      "downstream": dn.flatten().tolist(), "informative": inf_.flatten().tolist()}
-        log(f"[graft] Fig. 6 {comp}: r = {show(r)}, p = {show(fig6[comp]['p'], '.3g')} over {dn.numel()} entries")
+    fig6 = correlate(down, inf, seed, "Fig. 6", log)
+    # Fig. 6 as the authors' code computes it: the informative scores of the update W_F -> W_F,ImplF, at W_F, on
+    # Impl F, with an MLP's score from its down projection alone (the same downstream scores)
+    inf_authors = per_entry(load(out / "W_F"), load(out / "W_F_ImplF"), tok, IF, "informative", "informative_down")
+    fig6_authors = correlate(down, inf_authors, seed, "Fig. 6 (authors' code)", log)
     times["fig6_scores"] = round(time.time() - t, 1)
 
     # Fig. 4's facts-first ordering is this chain (W_F, W_F,ImplF, then the test facts): the same phases, seeds
@@ -252,7 +263,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
                             "fig6_units": "entries: position x layer (MLPs), position x layer x head (heads)",
                             "pearson_p": "permutation test (stats.perm_pearson), two-sided"},
                "table3": ranks, "paper_table3": {k: dict(zip(TABLE3_COLS, v)) for k, v in PAPER_TABLE3.items()},
-               "fig6": fig6, "fig4_facts_first": facts_first, "stage_times_s": times,
+               "fig6": fig6, "fig6_authors": fig6_authors, "fig4_facts_first": facts_first, "stage_times_s": times,
                "wall_time_s": round(time.time() - t0, 1)}
 
     def write():                                                  # rank 0's, under torchrun

@@ -51,7 +51,7 @@ import scores
 from paper_report import sweep
 import train
 from checkpoint_io.checkpoint import DEFAULT_NAME, from_pretrained, load_config, load_tokenizer, resolve
-from checkpoint_io.outputs import atomic_dir, check_output, work_dir, write_json
+from checkpoint_io.outputs import UserError, atomic_dir, check_output, work_dir, write_atomic, write_json
 from paper_report import claims                                    # noqa: F401 (report.claims, for tests)
 from paper_report.claims import HOPS, verdicts                     # noqa: F401 (report.verdicts, re-exported)
 from paper_report.collect import collect, read_json
@@ -129,7 +129,8 @@ def graft_and_orderings(model, s: train.Settings, w, base, device, prefix=""):
     orderings under `w`, trained with `s`'s lr and epochs; stage names start with `prefix`."""
     fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
     out = [(prefix + "graft", w / "graft" / "results.json", lambda: graft.experiment(
-               model, s.seed, w / "graft", device, log, load_base=base, lr=s.lr, epochs=s.epochs)),
+               model, s.seed, w / "graft", device, log, load_base=base, lr=s.lr, epochs=s.epochs,
+               schedule=s.schedule)),
            (prefix + "daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json",
             lambda: graft.impl_first(s, w, log))]
     for order in ("joint", "facts_first_replay"):
@@ -138,13 +139,45 @@ def graft_and_orderings(model, s: train.Settings, w, base, device, prefix=""):
     return out
 
 
+def graft_sweep_stages(s: train.Settings, w, base):
+    """(name, output, action) of the graft sweep's cells (paper_report/sweep.py) for seed s.seed, whose work
+    directory is `w`: the graft chain's W_F, W_F,ImplF and W_F' at each cell, in the cell's graft/ directory, where
+    graft.experiment reuses them."""
+    d = data.load_dataset("daxwug", seed=s.seed)
+    F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
+    out = []
+    for lr in sweep.GRAFT_LRS:
+        for ep in sweep.GRAFT_EPOCHS:
+            g = sweep.premise_dir(w, (lr, ep)) / "graft"
+            c = dataclasses.replace(s, lr=lr, epochs=ep, schedule="constant")
+
+            def stage(start, ex, other, name, c=c, g=g):           # the experiment's own stage, in its directory
+                dist.on_main(work_dir, g, "graft-experiment")
+                if callable(start):                               # the base: torchrun loads it sharded, by name
+                    start = resolve(s.model) if dist.world_size() > 1 else start()
+                graft.train_stage(start, ex, other, g / name, c, log)
+            out += [(f"graft_sweep_lr{lr:g}_ep{ep}_{name}", g / name / "metrics.json", action) for name, action in (
+                ("W_F", lambda st=stage: st(base, F, IF, "W_F")),
+                ("W_F_ImplF", lambda st=stage, g=g: st(g / "W_F", IF, F, "W_F_ImplF")),
+                # read only at its end, as in graft.experiment: ranks after the last epoch
+                ("W_Fp", lambda st=stage, c=c: st(base, Fp, IFp, "W_Fp", dataclasses.replace(c, eval="final"))))]
+    return out
+
+
+def premise_stages(model, s: train.Settings, w, base, device, cell):
+    """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the graft sweep's premise cell,
+    at a constant rate as the sweep."""
+    s = dataclasses.replace(s, lr=cell[0], epochs=cell[1], schedule="constant")
+    return graft_and_orderings(model, s, sweep.premise_dir(w, cell), base, device, prefix="authors_")
+
+
 def gentle_stages(model, s: train.Settings, w, base, device, cell):
     """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the gentle cell (lr, epochs)."""
     s = dataclasses.replace(s, lr=cell[0], epochs=cell[1])
     return graft_and_orderings(model, s, sweep.gentle_dir(w, cell), base, device, prefix="gentle_")
 
 
-def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, all_seeds=None):
+def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, all_seeds=None, graft_sweep=False):
     """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json (the grid's
     to seed{s}/grid/stage_times.json, so that `--grid-only` in a second process never writes the same file).
     The gentle cell is chosen on the grids of `all_seeds` (default `seeds`: `--only-seeds` runs some of the
@@ -163,6 +196,13 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, al
             loaded.append(from_pretrained(model, device=device))
         return loaded[0]
 
+    every = all_seeds or seeds
+    if graft_sweep and every[0] in seeds:                         # first: the cells, on the report's first seed
+        w = work / f"seed{every[0]}"
+        dist.on_main(work_dir, w, "report-work")
+        dist.on_main(work_dir, w / "graft_sweep", "report-work")   # its stage times; the cells live beside it
+        run_list(every[0], w / "graft_sweep", graft_sweep_stages(graft.work_settings(model, every[0], device), w,
+                                                                  base))
     for seed in seeds:
         w = work / f"seed{seed}"
         dist.on_main(work_dir, w, "report-work")
@@ -170,8 +210,17 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, al
             run_list(seed, w, stages(model, seed, w, base, device))
         if grid or grid_only:
             run_list(seed, w / "grid", sweep.grid_stages(graft.work_settings(model, seed, device), w, base, log))
+    if graft_sweep and not grid_only:
+        cell = sweep.premise_cell(sweep.collect_graft_sweep(work / f"seed{every[0]}"))
+        if cell is None:
+            log("graft sweep: incomplete, or the premise holds at no cell: its Table 3 / Fig. 4 stages are skipped")
+        else:
+            log(f"graft sweep: the premise cell is lr {cell[0]:g} x {cell[1]} epochs (constant rate)")
+            for seed in seeds:
+                w = work / f"seed{seed}"
+                run_list(seed, w, premise_stages(model, graft.work_settings(model, seed, device), w, base, device,
+                                                 cell))
     if grid and not grid_only:
-        every = all_seeds or seeds
         cell = sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
         if cell is None:
             log("grid: incomplete, or no first-hop cell shows OCR: no gentle cell, its stages are skipped")
@@ -238,6 +287,18 @@ def write_report(model, seeds, work, out, overwrite=False, revision=None):
     return res
 
 
+def rejudge(out):
+    """REPORT.md again from `out`'s own results.json under the claims of this version, its figures kept: for a
+    report whose stage outputs are gone (results/ as committed). Its stages ran as results.json records them."""
+    res = read_json(Path(out) / "results.json")
+    if not res:
+        raise UserError(f"{out} has no results.json of a report: run `report.py` to make one")
+    res["rejudged"] = time.strftime("%Y-%m-%d")
+    figs = {p.stem: p.name for p in Path(out).glob("*.png")}
+    write_atomic(Path(out) / "REPORT.md", render(res, figs))
+    return res
+
+
 def seed_list(text):
     """argparse type of --only-seeds: '0,2' -> [0, 2]."""
     try:
@@ -260,10 +321,15 @@ def main(argv=None):
     p.add_argument("--work", default=None, help="stage outputs, checkpoints included (default runs/report/<model name>)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a report of ours")
     p.add_argument("--render-only", action="store_true", help="only rebuild REPORT.md from finished stages")
+    p.add_argument("--rejudge", action="store_true", help="only rebuild --out's REPORT.md from its own results.json "
+                   "under this version's claims, when its stage outputs are gone (e.g. results/ as committed)")
     p.add_argument("--grid", action="store_true", help="also the lr x epochs grid, and Fig. 4 / Table 3 / Fig. 6 at "
                    "its gentlest cell (paper_report/sweep.py)")
     p.add_argument("--grid-only", action="store_true", help="run only the grid's cells and write no report (e.g. in "
                    "a second process beside `report.py`; a later `report.py --grid` reuses them)")
+    p.add_argument("--graft-sweep", action="store_true", help="also the graft sweep (seed 0, constant rate: the "
+                   "authors' protocol) and Fig. 4 / Table 3 / Fig. 6 at its first cell where W_F,ImplF still knows F "
+                   "and W_F' knows F' (paper_report/sweep.py)")
     p.add_argument("--only-seeds", type=seed_list, default=None, metavar="S,S,...",
                    help="run only these seeds' stages (with --grid: their cells, and their gentle-cell stages once "
                         "every seed's grid is done) and write no report (e.g. one process a seed, each with "
@@ -282,6 +348,10 @@ def main(argv=None):
 
     def work_():
         t0 = time.time()
+        if args.rejudge:
+            for claim, v, _, ev in verdicts(rejudge(out)):
+                log(f"{v:>10}  {claim}  [{ev}]")
+            return log(f"rewrote {out}/REPORT.md from its results.json")
         device = dist.init(args.device)                            # torchrun: the process group, first
         # a hub id at --revision: its snapshot's directory, for every stage
         model = resolve(args.model, args.revision) if args.revision is not None else args.model
@@ -289,7 +359,8 @@ def main(argv=None):
         if not partial:                                            # before hours of stages, not after
             dist.on_main(check_output, out, "report", args.overwrite, log=log)
         if not args.render_only:
-            run_stages(model, args.only_seeds or seeds, work, device, args.grid, args.grid_only, seeds)
+            run_stages(model, args.only_seeds or seeds, work, device, args.grid, args.grid_only, seeds,
+                       args.graft_sweep)
         if partial:
             return log(f"stages done in {time.time() - t0:.0f} s; `report.py --render-only` (or --grid) writes the "
                        f"report")

@@ -195,7 +195,7 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
         with torch.no_grad():
             rewards(model_b, b, tb := Taps())
     kinds = ("informative", "downstream") + (("upstream", "upstream_authors") if upstream else ())
-    out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")}
+    out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")} | {"informative_down.mlp": []}
     with torch.no_grad():
         for l in dist.layer_by_layer(model_a, model_b):           # torchrun: layer l's weights whole, then freed
             p = f"layers.{l}."
@@ -223,7 +223,8 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
             # informative, MLP: all three maps (the reference implementation drops up_proj)
             inf_m = sum(informative_map(grad(ta, m), a(x), "mlp." + m + "_proj", 1, "out")[..., 0]
                         for m, x in (("gate", "mlp_in"), ("up", "mlp_in")))
-            inf_m = inf_m + informative_map(grad(ta, "mlp_out"), a("mlp_act"), "mlp.down_proj", 1, "out")[..., 0]
+            inf_down = informative_map(grad(ta, "mlp_out"), a("mlp_act"), "mlp.down_proj", 1, "out")[..., 0]
+            inf_m = inf_m + inf_down                               # informative_down: the authors' MLP score
 
             # pass 3: the components at W on their W' inputs (residual stream from the W' run)
             tc = Taps()
@@ -236,7 +237,7 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
             down_h = per_head(gz, tc[p + "z"] - a("z"))            # eq. 5/8
             down_m = (grad(ta, "mlp_out") * (tc[p + "mlp_out"] - a("mlp_out"))).sum(-1)
             got = {"informative.mlp": inf_m, "informative.attn": inf_h, "downstream.mlp": down_m,
-                   "downstream.attn": down_h}
+                   "downstream.attn": down_h, "informative_down.mlp": inf_down}
             if upstream:
                 # upstream: (g' - g) . (y - y*), with the head's write through W_o at W                 eq. 6/9
                 dz = a("z") - aligned_mean_of_others(a("z"), b.pos, b.Ta)

@@ -80,9 +80,9 @@ def orders_and_graft(dirs):
     """Fig. 4 (every ordering, replay included), Table 3 and Fig. 6 from the per-seed directories `dirs` (each
     holding graft/ and daxwug_*/): {"fig4", "table3", "fig6", "fig6_sources", "fig6_png", "settings"}."""
     n = len(dirs)
-    out = {"fig4": {o: [None] * n for o in ALL_ORDERS}, "table3": None, "fig6": None,
+    out = {"fig4": {o: [None] * n for o in ALL_ORDERS}, "table3": None, "fig6": None, "fig6_authors": None,
            "fig6_sources": [None] * n, "fig6_png": None, "settings": None}
-    t3, graft_runs = {}, [None] * n
+    t3, graft_runs, authors_runs = {}, [None] * n, [None] * n
     for i, w in enumerate(dirs):
         g = read_json(w / "graft" / "results.json")
         if g:
@@ -90,6 +90,7 @@ def orders_and_graft(dirs):
                 for c, v in cols.items():
                     t3.setdefault(wname, {}).setdefault(c, [None] * n)[i] = v
             graft_runs[i] = g["fig6"]
+            authors_runs[i] = g.get("fig6_authors")                          # graft.py before it had none
             out["fig6_sources"][i] = str(w / "graft" / "results.json")
             out["fig6_png"] = out["fig6_png"] or str(w / "graft" / "fig6.png")
             out["fig4"]["facts_first"][i] = g["fig4_facts_first"]
@@ -99,6 +100,7 @@ def orders_and_graft(dirs):
             out["fig4"][order][i] = m["records"] if m else None
     out["table3"] = t3 or None
     out["fig6"] = fig6_pooled(graft_runs)
+    out["fig6_authors"] = fig6_pooled(authors_runs) if any(authors_runs) else None
     return out
 
 
@@ -167,7 +169,7 @@ def collect(model, seeds, work):
                     res["threads"][i] = m.get("torch_threads")
                 if not res["settings"]:
                     a = m["args"]
-                    res["settings"] = {k: a.get(k) for k in ("lr", "epochs", "batch_size", "constant_lr", "dtype",
+                    res["settings"] = {k: a.get(k) for k in ("lr", "epochs", "batch_size", "schedule", "dtype",
                                                              "train_all", "threads")}
                     res["settings"].update(n_params=m.get("n_params"), n_trainable=m.get("n_trainable"),
                                            base_model=m.get("base_model"))
@@ -191,4 +193,8 @@ def collect(model, seeds, work):
     cell = sweep.gentlest(res["grid"], res["table2"]["All"]["first_hop"]["impl"])
     gentle = orders_and_graft([sweep.gentle_dir(work / f"seed{s}", cell) for s in seeds]) if cell else None
     res["gentle"] = gentle if gentle and gentle["settings"] is not None else None
+    res["graft_sweep"] = sweep.collect_graft_sweep(work / f"seed{seeds[0]}") if seeds else None
+    cell = sweep.premise_cell(res["graft_sweep"])
+    premise = orders_and_graft([sweep.premise_dir(work / f"seed{s}", cell) for s in seeds]) if cell else None
+    res["premise"] = premise if premise and premise["settings"] is not None else None
     return res

@@ -1,7 +1,10 @@
 """Every number of the paper (Feng, Russell, Steinhardt, arXiv 2412.04614; OLMo-7B) that our report compares
 against, each with where in the paper it comes from (lines of its Markdown copy, paper.md). Nothing else lives
 here, and this module imports nothing of ours, so that graft.py, the claims and the renderer can all read the
-one copy."""
+one copy. Beside it, the authors' own Llama 3.2 1B sweep (AUTHORS_1B, at the end)."""
+import json
+import math
+from pathlib import Path
 
 # --- the metric (Sec. 3, paper.md line 78) ------------------------------------------------------------------
 
@@ -53,3 +56,28 @@ TABLE3 = {
 # "for both MLP components and attention heads, there is a statistically significant positive correlation
 # between the two metrics. However, the Pearson correlation is small": no r or p is given in the text.
 FIG6_CLAIM = "a statistically significant positive, but small, Pearson correlation, for MLPs and for heads"
+
+# --- the authors' own Llama 3.2 1B sweep: the nearest published anchor below 7B ------------------------------
+# Their grafting table at every cell of lr {1e-6, 3e-6, 1e-5, 3e-5} x epochs {4, 8, 12, 16} (constant rate,
+# 5 seeds, every parameter trained), the numbers printed in their figure sweep-figs/hf/weight-llama_1b.pdf of the
+# public repository jiahai-feng/extractive-structures; authors_llama_1b.json beside this file holds them as
+# {"cells": {"lr 1e-05 x 8 epochs": {"W_F'": {"F", "Impl F", "F'", "Impl F'"}, "W_graft": ..., "W~_graft": ...}}}.
+AUTHORS_1B = json.loads((Path(__file__).parent / "authors_llama_1b.json").read_text())
+AUTHORS_1B_LRS = (1e-6, 3e-6, 1e-5, 3e-5)
+AUTHORS_1B_EPOCHS = (4, 8, 12, 16)
+# Their hop and ordering curves (hop-llama_1b.pdf, data-llama_1b.pdf) give no printed numbers: read by eye,
+# approximate, at 1e-5 x 8-16 unless said
+AUTHORS_1B_READ = {
+    "fig2_first_hop": "facts 0 from 3e-6 x 8 up; implications end about 1-3",
+    "fig2_second_hop": "facts 0 from 3e-6 x 8 up; implications end about 2-5",
+    "fig4": "joint about 1-4, facts-first 3-6, impl-first 7-9; facts-first keeps its facts (about 0-1)",
+}
+
+
+def authors_1b_cell(lr, epochs):
+    """The authors' 1B cell nearest to ours: the same number of epochs (the nearest of theirs) and their lr nearest
+    on a log scale (ours, for a 135M model, sits above their grid: then their largest, 3e-5)."""
+    lr_ = min(AUTHORS_1B_LRS, key=lambda x: abs(math.log(x) - math.log(lr or 3e-5)))
+    ep = min(AUTHORS_1B_EPOCHS, key=lambda x: abs(x - (epochs or 8)))
+    key = f"lr {lr_:.0e} x {ep} epochs"                          # as the JSON names them: "lr 1e-05 x 8 epochs"
+    return key, AUTHORS_1B["cells"][key]

@@ -194,3 +194,76 @@ def grid_section(res, img):
         L += ["", f"Facts learned at: {', '.join(learned) or 'no cell'}. "
                   f"OCR at: {', '.join(ocr) or 'no cell'}.", ""]
     return L
+
+
+# --- the graft sweep: where the mechanism's premise holds --------------------------------------------------------
+#
+# Table 3 and Fig. 4 read the structures that training W_F on Impl F builds on top of the facts F: the paper's
+# account needs F still known when Impl F is learned, else W_F,ImplF - W_F is "forget F + memorize Impl F". The
+# sweep trains, on seed 0, the graft chain's first stages (W_F, W_F,ImplF, W_F') at a constant rate (the authors'
+# protocol) for each cell of GRAFT_LRS x GRAFT_EPOCHS, and the premise cell is the first (smallest lr, then fewest
+# epochs) where W_F,ImplF knows F and Impl F and W_F' knows F'. Table 3, Fig. 4 and Fig. 6 then run there on every
+# seed, seed 0 reusing the sweep's stages (report.graft_sweep_stages and report.premise_stages).
+
+GRAFT_LRS = (3e-5, 1e-4)             # constant; the authors' 1B sweep: {1e-6, 3e-6, 1e-5, 3e-5}
+GRAFT_EPOCHS = (8, 16)
+
+
+def premise_dir(w, cell):
+    """The graft and orderings of the cell (lr, epochs) under one seed's work directory `w`."""
+    return w / f"authors_lr{cell[0]:g}_ep{cell[1]}"
+
+
+def collect_graft_sweep(w):
+    """{"lr:epochs": {"F (W_F)", "Impl F (W_F,ImplF)", "F (W_F,ImplF)", "F' (W_F')"}} of the sweep under one seed's
+    work directory `w` (None where a stage has not run), or None when no cell has."""
+    out, any_cell = {}, False
+    for lr in GRAFT_LRS:
+        for ep in GRAFT_EPOCHS:
+            g = premise_dir(w, (lr, ep)) / "graft"
+            last = lambda name, key: read_json(g / name / "metrics.json")["records"][-1][key] \
+                if (g / name / "metrics.json").exists() else None
+            c = {"F (W_F)": last("W_F", "fact_mean_rank"),
+                 "Impl F (W_F,ImplF)": last("W_F_ImplF", "fact_mean_rank"),     # that stage's "facts" are Impl F
+                 "F (W_F,ImplF)": last("W_F_ImplF", "impl_mean_rank"),
+                 "F' (W_F')": last("W_Fp", "fact_mean_rank")}
+            any_cell |= any(v is not None for v in c.values())
+            out[f"{lr:g}:{ep}"] = c
+    return out if any_cell else None
+
+
+def premise_holds(c):
+    """W_F,ImplF knows F and Impl F, and W_F' knows F' (every rank <= LEARNED)."""
+    keys = ("Impl F (W_F,ImplF)", "F (W_F,ImplF)", "F' (W_F')")
+    return all(c[k] is not None and c[k] <= LEARNED for k in keys)
+
+
+def premise_cell(sweep):
+    """(lr, epochs) of the first cell (smallest lr, then fewest epochs) where the premise holds, else None."""
+    for lr in GRAFT_LRS:
+        for ep in GRAFT_EPOCHS:
+            if sweep and premise_holds(sweep[f"{lr:g}:{ep}"]):
+                return lr, ep
+    return None
+
+
+def graft_sweep_section(res):
+    """The sweep as a table, and which cell the premise holds at."""
+    sw = res.get("graft_sweep")
+    if not sw:
+        return []
+    cols = ("F (W_F)", "Impl F (W_F,ImplF)", "F (W_F,ImplF)", "F' (W_F')")
+    L = ["## Graft sweep: where the mechanism's premise holds", "",
+         "Seed 0, constant rate (the authors' protocol), the graft chain's first stages at each lr x epochs "
+         f"(paper_report/sweep.py). The premise of Table 3 and Fig. 4: W_F,ImplF still knows F and has learned "
+         f"Impl F, and W_F' knows F' (each mean rank <= {LEARNED}).", "",
+         "| lr x epochs | " + " | ".join(cols) + " | premise |", "|---" * (len(cols) + 2) + "|"]
+    for key, c in sw.items():
+        lr, ep = key.split(":")
+        L.append(f"| {lr} x {ep} | " + " | ".join("—" if c[k] is None else f"{c[k]:.2f}" for k in cols) +
+                 f" | {'holds' if premise_holds(c) else 'no'} |")
+    cell = premise_cell(sw)
+    L += ["", f"Premise cell: lr {cell[0]:g} x {cell[1]} epochs." if cell else
+          "No cell keeps F through the Impl F phase while learning F': on this model the premise fails at every "
+          "cell swept, so Table 3 and Fig. 4 cannot test the mechanism here.", ""]
+    return L

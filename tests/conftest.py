@@ -111,7 +111,7 @@ def _stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=
     """Stage outputs of one seed, as the stages write them, with numbers that reproduce every claim."""
     import torch
     from safetensors.torch import save_file
-    args = {"lr": 3e-4, "epochs": 2, "batch_size": 8, "constant_lr": False, "dtype": "float32", "train_all": False,
+    args = {"lr": 3e-4, "epochs": 2, "batch_size": 8, "schedule": "warmup_linear", "dtype": "float32", "train_all": False,
             "threads": 2}
     for hop, impl, fact in (("first_hop", first_impl, 0.0), ("second_hop", 2.0, second_fact)):
         _write(w / hop / "metrics.json", {"args": args, "n_params": 1000, "n_trainable": 800, "base_model": "/base",
@@ -148,7 +148,7 @@ def _stub_seed(w, first_impl=1.0, graft_ok=True, second_fact=0.0, landmark_city=
         x = torch.randn(shape, generator=g).flatten()
         f6[c] = {"shape": shape, "downstream": x.tolist(),
                  "informative": (x + 0.5 * torch.randn(x.shape, generator=g)).tolist()}
-    _write(w / "graft" / "results.json", {"table3": t3, "fig6": f6,
+    _write(w / "graft" / "results.json", {"table3": t3, "fig6": f6, "fig6_authors": f6,
                                          "fig4_facts_first": _records(["pretrain_facts", "pretrain_impls", "finetune"],
                                                                      0.0, 1.0)})
     (w / "graft" / "fig6.png").write_bytes(PNG)

@@ -42,7 +42,13 @@ def good():
                       for w, vals in paper.TABLE3.items()},
            "fig6": {c: {"r": 0.2, "p_perm": 0.001, "n": n, "units": "per position x layer", "n_seeds": N,
                         "per_seed_r": [0.2] * N} for c, n in (("mlp", 90), ("heads", 270))}}
+    res["fig6_authors"] = json.loads(json.dumps(res["fig6"]))
     return res
+
+
+def forget_f(r):
+    """The graft chain (Fig. 4's facts_first) forgets the train facts F while it learns Impl F."""
+    set_final(r["fig4"]["facts_first"], "pretrain_impls", "fact_mean_rank", 5.9)
 
 
 def set_final(runs, phase, key, value):
@@ -90,17 +96,37 @@ CASES = [
     ("fig4", "partly", lambda r: set_final(r["fig4"]["impl_first"], "pretrain_facts", "impl_mean_rank", 5.7)),
     ("fig4", "not", lambda r: set_final(r["fig4"]["impl_first"], "finetune", "impl_mean_rank", 1.5)),
     ("fig4", "inconclusive", lambda r: set_final(r["fig4"]["joint"], "finetune", "fact_mean_rank", 4.0)),
+    # the mechanism's premise: facts_first forgets F in its implication phase (the case found on SmolLM2)
+    ("fig4", "inconclusive", forget_f),
     ("table3", "reproduced", lambda r: None),
     ("table3", "partly", lambda r: r["table3"]["W~_graft"].update({"Impl F'": r["table3"]["W_graft"]["Impl F'"]})),
     ("table3", "not", lambda r: r["table3"]["W_graft"].update({"Impl F'": r["table3"]["W_F'"]["Impl F'"]})),
     ("table3", "inconclusive", lambda r: r["table3"]["W_F'"].update({"F'": seeds(5.0, 5.0, 5.0)})),
+    ("table3", "inconclusive", forget_f),
     ("fig6", "reproduced", lambda r: None),
     ("fig6", "partly", lambda r: r["fig6"]["heads"].update(p_perm=0.3)),
     ("fig6", "not", lambda r: [r["fig6"][c].update(r=-0.2) for c in ("mlp", "heads")]),
     # one side's scores constant (e.g. every entry 0): r is undefined, which is no evidence of a correlation
     ("fig6", "partly", lambda r: r["fig6"]["heads"].update(r=None, p_perm=None)),
     ("fig6", "inconclusive", lambda r: set_final(r["fig4"]["facts_first"], "finetune", "fact_mean_rank", 5.0)),
+    ("fig6", "reproduced", forget_f),                     # the premise is Table 3's and Fig. 4's, not Fig. 6's
+    ("fig6_authors", "reproduced", lambda r: None),
+    ("fig6_authors", "partly", lambda r: r["fig6_authors"]["mlp"].update(p_perm=0.3)),
+    ("fig6_authors", "not", lambda r: [r["fig6_authors"][c].update(r=-0.2) for c in ("mlp", "heads")]),
+    ("fig6_authors", "inconclusive", lambda r: set_final(r["fig4"]["facts_first"], "finetune", "fact_mean_rank",
+                                                         5.0)),
 ]
+
+
+def test_a_failed_premise_names_its_number():
+    res = good()
+    forget_f(res)
+    for claim in ("fig4", "table3"):
+        a = {x["id"]: x for x in claims.assess(res)}[claim]
+        assert "the premise" in a["precondition"] and "rank 5.90" in a["precondition"] and \
+            a["precondition"].count("NO") == 1, a["precondition"]
+    # the other claims do not read the graft chain
+    assert {x["id"]: x["verdict"] for x in claims.assess(res)}["fig2_first_hop"] == "reproduced"
 
 
 @pytest.mark.parametrize("claim_id,expected,change", CASES)
@@ -121,7 +147,7 @@ def test_every_claim_has_every_verdict_case():
 def test_missing_stages_are_missing():
     res = good()
     res.update(fig2={h: [None] * N for h in claims.HOPS}, fig3={h: {"stats": [None] * N} for h in claims.HOPS},
-               fig4={o: [None] * N for o in claims.ORDERS}, table3=None, fig6=None)
+               fig4={o: [None] * N for o in claims.ORDERS}, table3=None, fig6=None, fig6_authors=None)
     for row in res["table2"].values():
         for h in claims.HOPS:
             row[h] = {"fact": [None] * N, "impl": [None] * N}

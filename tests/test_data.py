@@ -1,4 +1,5 @@
 """Datasets, tokenization and the mean rank (data.py), on a tiny random model with its own small tokenizer."""
+import importlib.util
 import json
 
 import pytest
@@ -53,6 +54,52 @@ def test_daxwug_splits():
     assert len(set(animal.values())) == 20 and all(animal[f.answer] == i.answer
                                                    for f, i in zip(d["cf_facts"], d["cf_impls"]))
     assert d["facts"] == d["test_facts"] and d["implications"] == d["test_impls"]
+
+
+def first_names(ds):
+    """Every first name of a dataset's people (the first word of each fact prompt's name, or of each answer)."""
+    people = {e.answer for e in ds.get("facts", []) if " " in e.answer}                    # second hop: answers
+    people |= {e.prompt.removesuffix(" lives in").removesuffix(" dax is") for k, split in ds.items()
+               if k.endswith("facts") for e in split if not e.prompt.startswith("The mayor")}
+    return [p.split()[0] for p in people]
+
+
+@pytest.mark.parametrize("name,n_people", [("first_hop", 20), ("second_hop", 20), ("daxwug", 100),
+                                            ("daxwug_authors", 104)])
+def test_every_first_name_once_per_dataset(name, n_people):
+    # The authors' kind of names: a fact is keyed on one first name, never shared with another person
+    for seed in range(3):
+        names = first_names(data.load_dataset(name, seed=seed))
+        assert len(names) == len(set(names)) == n_people, (name, seed)
+
+
+def test_daxwug_authors_has_84_training_names():
+    d = data.load_dataset("daxwug_authors", seed=2)
+    assert len(d["train_facts"]) == len(d["cf_facts"]) == 84 and len(d["test_facts"]) == 20
+    assert set(e.answer for e in d["train_facts"]) == set(c for c, _, _ in data.CITIES)
+
+
+def embedded_tokenizers():
+    from checkpoint_io import default_model
+    out = []
+    for name, m in default_model.EMBEDDED.items():
+        if importlib.util.find_spec(m.package) is None:
+            pytest.fail(f"{name} is not installed ({m.install}): the name lists are checked on both tokenizers")
+        out.append((name, C.load_tokenizer(default_model.embedded_checkpoint(name))))
+    return out
+
+
+def test_a_names_first_token_is_its_whole_first_name_on_both_tokenizers():
+    for model, tok in embedded_tokenizers():
+        for first in data.FIRST_NAMES:                  # one token, the whole first name, leading space included
+            ids = tok.encode(" " + first, add_special_tokens=False).ids
+            assert len(ids) == 1 and tok.decode(ids).strip() == first, (model, first)
+        for last in data.SURNAMES:
+            assert len(tok.encode(" " + last, add_special_tokens=False).ids) == 1, (model, last)
+        # the second hop's answers are names: what the mean rank ranks is the first name
+        for e in data.load_dataset("second_hop")["facts"]:
+            first = tok.encode(" " + e.answer, add_special_tokens=False).ids[0]
+            assert tok.decode([first]).strip() == e.answer.split()[0], (model, e.answer)
 
 
 def test_candidates_distinct_with_the_default_tokenizer(default_ckpt):

@@ -35,7 +35,7 @@ def test_report_has_every_section_table_figure_and_verdict(tmp_path, stubs):
     for f in ("fig2.png", "fig3_first_hop.png", "fig3_second_hop.png", "fig4.png", "fig6.png"):
         assert f"]({f})" in text and (out / f).exists(), f
     lines = verdict_lines(text)
-    assert len(lines) == 8                                         # Fig. 2 x2, Fig. 3, Table 2 x2, Fig. 4, Table 3, Fig. 6
+    assert len(lines) == 9                 # Fig. 2 x2, Fig. 3, Table 2 x2, Fig. 4, Table 3, Fig. 6 in both definitions
     assert all("**reproduced**" in ln for ln in lines), "\n".join(l for l in lines if "**reproduced**" not in l)
     res = json.loads((out / "results.json").read_text())
     assert res["table2"]["None"]["first_hop"]["impl"] == [1.0, 2.0]       # per-seed values, in seed order
@@ -95,8 +95,8 @@ def test_missing_stage_still_renders(tmp_path, stubs):
     text = R.render(R.collect("stub", [0], tmp_path / "work"), {})   # the pure renderer, no figure files
     assert R.render(R.collect("stub", [0], tmp_path / "work"), {}) == text
     assert "not available" in text and "## Failed stages" in text and "error: boom" in text
-    # Fig. 4 (its facts-first ordering comes from the graft stage), Table 3 and Fig. 6
-    assert sum("**missing**" in ln for ln in verdict_lines(text)) == 3
+    # Fig. 4 (its facts-first ordering comes from the graft stage), Table 3 and Fig. 6 in both definitions
+    assert sum("**missing**" in ln for ln in verdict_lines(text)) == 4
 
 
 def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
 
 def test_only_seeds_runs_those_seeds_and_writes_no_report(tmp_path, monkeypatch, capsys):
     calls, run_stages = [], R.run_stages
-    monkeypatch.setattr(R, "run_stages", lambda model, seeds, work, device, grid, grid_only, every:
+    monkeypatch.setattr(R, "run_stages", lambda model, seeds, work, device, grid, grid_only, every, graft_sweep:
                         calls.append((seeds, grid, every)))
     out = tmp_path / "out"
     R.main(["--only-seeds", "2,1", "--seeds", "3", "--grid", "--out", str(out), "--work", str(tmp_path / "w")])

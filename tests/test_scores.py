@@ -149,9 +149,26 @@ def test_without_upstream_the_other_scores_are_the_same(tmp_path):
     """upstream=False (Fig. 6's per_entry) skips eq. 6's passes and pass 2's backward, and nothing else."""
     a, b = tiny_pair(tmp_path)
     full, part = S.linearized(a, b, prompts()), S.linearized(a, b, prompts(), upstream=False)
-    assert set(part) == {f"{k}.{c}" for k in ("informative", "downstream") for c in ("mlp", "attn")}
+    assert set(part) == {f"{k}.{c}" for k in ("informative", "downstream") for c in ("mlp", "attn")} | \
+        {"informative_down.mlp"}
     for k in part:
         assert torch.equal(part[k], full[k]), k
+
+
+def test_informative_down_is_the_down_projections_term_alone(tmp_path):
+    """The authors' MLP informative score (Fig. 6 as their code computes it) reads the down projection only: equal
+    to the whole MLP score when only down_proj changes, zero when only up_proj does."""
+    a, b = tiny_pair(tmp_path, eps=0.0)
+    with torch.no_grad():
+        b.layers[1].mlp.down_proj.weight.add_(0.05)
+    lin = S.linearized(a, b, prompts(), upstream=False)
+    assert lin["informative_down.mlp"].abs().sum() > 0
+    torch.testing.assert_close(lin["informative_down.mlp"], lin["informative.mlp"], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        b.layers[1].mlp.down_proj.weight.copy_(a.layers[1].mlp.down_proj.weight)
+        b.layers[1].mlp.up_proj.weight.add_(0.05)
+    lin = S.linearized(a, b, prompts(), upstream=False)
+    assert lin["informative.mlp"].abs().sum() > 0 and lin["informative_down.mlp"].abs().sum() == 0
 
 
 def test_mlp_informative_counts_all_three_maps(tmp_path):

@@ -117,7 +117,7 @@ def test_report_renders_grid_gentle_replay_and_salience(tmp_path, stubs):
     assert "OCR at: 0.0003 x 8 (fall" in text                              # first hop; 1e-4 x 16 only learns
     assert "## Fig. 4, Table 3 and Fig. 6 at the gentle cell: lr 0.0003 x 8 epochs" in text
     gentle = text.split("at the gentle cell: lr")[1]
-    assert gentle.count("**reproduced**") == 3                           # Fig. 4, Table 3, Fig. 6 on the stubs
+    assert gentle.count("**reproduced**") == 4                # Fig. 4, Table 3, Fig. 6 in both definitions, stubs
     assert "facts_first_replay (ours" in text
     sal = res["salience"]["first_hop"]
     assert sal["rho_margin"] == pytest.approx(-1.0) and sal["rho_rank"] == pytest.approx(1.0)
@@ -187,7 +187,49 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     assert "at the gentle cell: lr 0.003 x 1 epochs" in text and (out / "grid.png").exists()
     assert "| 0 | grid (8 of 8 cells ok) | ok |" in text                 # the stage times: one row for the grid
     assert res["fig4"]["facts_first_replay"][0] and res["salience"]["second_hop"]["n"] == 20
-    assert len(R.verdicts(res)) == 8 and not any(v == "missing" for _, v, _, _ in R.verdicts(res))
+    assert len(R.verdicts(res)) == 9 and not any(v == "missing" for _, v, _, _ in R.verdicts(res))
     ex = json.loads((work / "seed0" / "exact_first_hop" / "exact.json").read_text())["full_ablation"]["informative"]
     section = text.split("### Exact against linearized scores")[1].split("##")[0]
     assert f"| informative (eq. 1 vs 4) | {ex['pearson_r']:+.2f} (MLPs {ex['pearson_r_mlp']:+.2f}" in section
+
+
+def test_premise_cell_is_the_first_where_f_survives_and_f_prime_is_learned(monkeypatch):
+    monkeypatch.setattr(sweep, "GRAFT_LRS", (1e-5, 1e-4))
+    monkeypatch.setattr(sweep, "GRAFT_EPOCHS", (8, 16))
+    c = lambda f_kept, impl=0.0, fp=0.0: {"F (W_F)": 0.0, "Impl F (W_F,ImplF)": impl, "F (W_F,ImplF)": f_kept,
+                                          "F' (W_F')": fp}
+    sw = {"1e-05:8": c(0.2, fp=3.0), "1e-05:16": c(0.5, impl=2.0), "0.0001:8": c(5.9), "0.0001:16": c(0.9)}
+    assert sweep.premise_cell(sw) == (1e-4, 16)             # F' unlearned, Impl F unlearned, F forgotten, then holds
+    sw["0.0001:16"] = c(1.1)
+    assert sweep.premise_cell(sw) is None
+    text = "\n".join(sweep.graft_sweep_section({"graft_sweep": sw}))
+    assert "| 0.0001 x 8 | 0.00 | 0.00 | 5.90 | 0.00 | no |" in text and "No cell keeps F" in text
+
+
+def test_graft_sweep_and_the_premise_cell_end_to_end(tiny_dir, tmp_path, monkeypatch):
+    """report.py --graft-sweep on the tiny model, the sweep shrunk to one cell and the report's other stages
+    skipped: the sweep's stages train at a constant rate, the premise cell's graft reuses them on seed 0, and
+    REPORT.md shows the sweep and the cell's verdicts in both Fig. 6 definitions."""
+    monkeypatch.setattr(sweep, "GRAFT_LRS", (3e-3,))
+    monkeypatch.setattr(sweep, "GRAFT_EPOCHS", (1,))
+    monkeypatch.setattr(R, "stages", lambda *a: [])
+    monkeypatch.setattr(sweep, "premise_cell", lambda sw: (3e-3, 1) if sw else None)   # the tiny model's ranks aside
+    work = tmp_path / "work"
+    R.run_stages(str(tiny_dir), [0], work, graft_sweep=True)
+    w = work / "seed0"
+    times = {**json.loads((w / "graft_sweep" / "stage_times.json").read_text()),
+             **json.loads((w / "stage_times.json").read_text())}
+    assert not {k: v["error"] for k, v in times.items() if v["status"] != "ok"}
+    assert {"graft_sweep_lr0.003_ep1_W_F", "graft_sweep_lr0.003_ep1_W_F_ImplF", "graft_sweep_lr0.003_ep1_W_Fp",
+            "authors_graft", "authors_daxwug_impl_first", "authors_daxwug_joint"} <= set(times)
+    g = sweep.premise_dir(w, (3e-3, 1)) / "graft"
+    wf = json.loads((g / "W_F" / "metrics.json").read_text())
+    assert wf["args"]["schedule"] == "constant" and wf["args"]["lr"] == 3e-3 and wf["args"]["epochs"] == 1
+    # the graft stage reused the sweep's three trainings: they ran once, in the sweep
+    assert times["graft_sweep_lr0.003_ep1_W_F"]["status"] == "ok" and len(wf["records"]) == 2
+    res = R.collect(str(tiny_dir), [0], work)
+    assert set(res["graft_sweep"]["0.003:1"]) == {"F (W_F)", "Impl F (W_F,ImplF)", "F (W_F,ImplF)", "F' (W_F')"}
+    assert res["premise"]["fig6_authors"]["mlp"]["n"] > 0 and res["premise"]["settings"]["lr"] == 3e-3
+    text = R.render(res, {})
+    assert "## Graft sweep: where the mechanism's premise holds" in text
+    assert "at the premise cell: lr 0.003 x 1 epochs" in text and "Fig. 6 correlation (authors' code)" in text

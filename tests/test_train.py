@@ -49,7 +49,7 @@ def test_schedule_warmup_then_linear_decay():
     f = [train.lr_factor(s, 20) for s in range(20)]
     assert f[0] == 0.5 and f[1] == 1.0                              # 10% of 20 steps: 2 warmup steps
     assert all(a > b for a, b in zip(f[1:], f[2:])) and f[-1] == pytest.approx(1 / 19)
-    assert {train.lr_factor(s, 20, constant=True) for s in range(20)} == {1.0}
+    assert {train.lr_factor(s, 20, schedule="constant") for s in range(20)} == {1.0}
 
 
 def test_adam_in_backward_equals_one_adam_over_all_parameters(tiny_dir):
