@@ -93,7 +93,7 @@ def test_two_processes_train_and_score_as_one(tmp_path, make_tiny, small_json):
     assert p.returncode == 0, p.stderr[-3000:]
     scores.run(tiny, tmp_path / "two", tmp_path / "s1", log=lambda *a: None)
     s1, s2 = load_file(str(tmp_path / "s1" / "scores.safetensors")), load_file(str(tmp_path / "s2" / "scores.safetensors"))
-    assert s1.keys() == s2.keys() and len(s1) == 8
+    assert s1.keys() == s2.keys() and len(s1) == 9
     for k in s1:                                                  # sums over prompts in another order: 1e-6
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-6 * float(s1[k].abs().max()))
     st = json.loads((tmp_path / "s2" / "settings.json").read_text())
