@@ -13,6 +13,41 @@ GEMMA3_DEFAULTS = dict(vocab_size=262208, num_attention_heads=8, num_key_value_h
                        sliding_window=4096, sliding_window_pattern=6, rope_theta=1_000_000.0,
                        rope_local_base_freq=10_000.0, tie_word_embeddings=True)
 
+# config.json's fields by the kind of value they must hold, checked before any is used: a damaged or hand-edited
+# file ("hidden_size": "64", zero heads) is then one line naming the field, not a TypeError deep inside the model
+SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "intermediate_size", "max_position_embeddings", "sliding_window", "sliding_window_pattern")   # ints >= 1
+SCALES = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar", "attn_logit_softcapping",
+          "final_logit_softcapping", "clip_qkv", "factor", "low_freq_factor", "high_freq_factor",
+          "original_max_position_embeddings", "partial_rotary_factor")                   # finite numbers > 0
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention")
+OBJECTS = ("text_config", "rope_scaling", "rope_parameters")
+
+
+def check_fields(cfg, where="config.json"):
+    """Each field present (and not null) holds its kind of value; the RoPE settings' objects are checked alike."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must be a JSON object of settings, not a {type(cfg).__name__}")
+    fix = "fix or re-download it"
+    for k, v in cfg.items():
+        if v is None:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k in SIZES and not (type(v) is int and v >= 1):
+            raise ValueError(f"{where}: {k} must be a whole number of at least 1, not {v!r:.60}: {fix}")
+        if k in SCALES and not (number and 0 < v < float("inf")):
+            raise ValueError(f"{where}: {k} must be a number above 0, not {v!r:.60}: {fix}")
+        if k in FLAGS and not isinstance(v, bool):
+            raise ValueError(f"{where}: {k} must be true or false, not {v!r:.60}: {fix}")
+        if k in OBJECTS or isinstance(v, dict) and where.endswith("rope_parameters"):   # Gemma 3: one per layer type
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}: {k} must be an object {{...}}, not {v!r:.60}: {fix}")
+            check_fields(v, f"{where}: {k}")
+    H, K = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if isinstance(H, int) and isinstance(K, int) and H % K:
+        raise ValueError(f"{where}: num_attention_heads ({H}) is no multiple of num_key_value_heads ({K}): "
+                         f"{fix}")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -49,6 +84,7 @@ class Config:
 
     @staticmethod
     def from_json(cfg: dict) -> "Config":
+        check_fields(cfg)
         mt = cfg.get("model_type")
         if mt == "gemma3":    # Gemma 3 4B+: the text model is one part; the top-level flag ties its head (transformers)
             cfg = {**cfg.get("text_config", {}), "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}

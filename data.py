@@ -142,12 +142,15 @@ def load_json_dataset(path):
         raise ValueError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:                                        # [[[[...]]]] thousands deep
+        raise ValueError(f"{path}: nested too deeply to be a dataset: use {{\"facts\": [...], "
+                         f"\"implications\": [...]}}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: the top level must be an object with keys 'facts' and 'implications'")
     extra = sorted(set(raw) - {"facts", "implications"})
     if extra:
         raise ValueError(f"{path}: unknown key {extra[0]!r} (allowed: 'facts', 'implications')")
-    out = {}
+    out, answer_of = {}, {}                                       # prompt -> (where, answer), over both splits
     for split in ("facts", "implications"):
         items = raw.get(split)
         if not isinstance(items, list) or not items:
@@ -167,6 +170,10 @@ def load_json_dataset(path):
             if it["prompt"] != it["prompt"].rstrip() or it["answer"] != it["answer"].lstrip():
                 raise ValueError(f"{where}: the prompt may not end and the answer may not start with "
                                  f"whitespace (the text is prompt + ' ' + answer)")
+            first, answer = answer_of.setdefault(it["prompt"], (where, it["answer"]))
+            if answer != it["answer"]:                            # training or ranking on both teaches nothing
+                raise ValueError(f"{first} and {split}[{i}] give the prompt {it['prompt']!r} two answers "
+                                 f"({answer!r}, {it['answer']!r}): keep one")
             out[split].append(Example(it["prompt"], it["answer"]))
     return out
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from run_setup import cli
+from run_setup import cli, preflight
 import data
 import scores
-from checkpoint_io.checkpoint import resolve
+from checkpoint_io.checkpoint import load_tokenizer, resolve
 from checkpoint_io.outputs import atomic_dir, check_output
 from model import Taps
 from scores import aligned_mean_of_others, record
@@ -167,9 +167,10 @@ def sum_identity(model_a, model_b, b, rows, lin):
 def run(ckpt_a, ckpt_b, out, n_prompts=4, ablation=0.05, dataset=None, seed=None, device="cpu", overwrite=False,
         log=print):
     t0 = time.time()
-    dataset, seed = scores.dataset_of(ckpt_b, dataset, seed)
+    dataset, seed = preflight.pair(ckpt_a, ckpt_b, dataset, seed)   # W, W' and the dataset: before any work
     examples = data.load_dataset(dataset, seed=seed)["implications"]
-    check_output(out, "exact", overwrite, inputs=[resolve(ckpt_a), resolve(ckpt_b)], log=log)
+    chance = preflight.answers(load_tokenizer(ckpt_a), {"implications": examples}, log)
+    check_output(out, "exact", overwrite, inputs=preflight.inputs([resolve(ckpt_a), resolve(ckpt_b)], dataset), log=log)
     model_a, model_b, tok = scores.load_pair(ckpt_a, ckpt_b, device, log)
     b = scores.make_prompts(tok, examples, next(model_a.parameters()).device)
     rows = list(range(min(n_prompts, b.ids.shape[0])))
@@ -190,7 +191,7 @@ def run(ckpt_a, ckpt_b, out, n_prompts=4, ablation=0.05, dataset=None, seed=None
     with atomic_dir(out, "exact", overwrite, log=log) as tmp:
         (tmp / "exact.json").write_text(json.dumps({
             "settings": {"ckpt_a": str(ckpt_a), "ckpt_b": str(ckpt_b), "dataset": str(dataset), "seed": seed,
-                         "n_prompts": len(rows), "ablation_scale": ablation},
+                         "n_prompts": len(rows), "ablation_scale": ablation, "chance_mean_rank": chance},
             "full_ablation": full, "scaled_ablation": scaled, "sum_identity": ident}, indent=1) + "\n")
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
@@ -204,7 +205,7 @@ def main(argv=None):
     ap.add_argument("ckpt_b", help="weights W' after finetuning")
     ap.add_argument("--prompts", type=cli.positive_int, default=4,
                     help="prompts to intervene on (each costs ~4 partial forwards per component)")
-    ap.add_argument("--ablation", type=cli.positive_float, default=0.05,
+    ap.add_argument("--ablation", type=cli.fraction, default=0.05,
                     help="the scaled mean ablation of the second eq. 3 run (a fraction of the way to y*)")
     ap.add_argument("--dataset", help="dataset (default: the one in ckpt_b/metrics.json)")
     ap.add_argument("--seed", type=int, help="dataset seed (default: ckpt_b/metrics.json's)")

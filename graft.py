@@ -34,9 +34,9 @@ import data
 from run_setup import dist
 import scores
 import train
-from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, check_same_base, copy_side_files, from_pretrained,
-                                     load_config, load_tokenizer, multimodal, open_shard, read_json, resolve,
-                                     safetensors_files, text_keys)
+from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, check_finite, check_same_base, copy_side_files,
+                                     from_pretrained, load_config, load_tokenizer, multimodal, open_shard, read_json,
+                                     resolve, safetensors_files, text_keys)
 from checkpoint_io.outputs import atomic_dir, check_output, save_figure, work_dir, write_json
 from paper_report.paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
 from paper_report.stats import fig6_stats, show
@@ -80,6 +80,8 @@ def graft(base, add, sub, out, overwrite=False, log=print):
                         a, b, c = (h.get_tensor(key) for h, key in (w[k] for w in where))
                     except Exception as e:                        # a truncated or corrupt shard
                         raise UserError(f"cannot read weight {k}: {e} (truncated or corrupt checkpoint?)") from None
+                    for t, p in zip((a, b, c), paths):            # a NaN would make the graft NaN, unnoticed
+                        check_finite(t, k, p)
                     if not (a.shape == b.shape == c.shape):
                         raise ValueError(f"{k}: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)} differ")
                     # fp32 whatever the stored dtype: a bf16 update of 1e-6 would round away
@@ -94,7 +96,8 @@ def graft(base, add, sub, out, overwrite=False, log=print):
             (tmp / index.name).write_text(json.dumps(idx, indent=1))
         copy_side_files(paths[0], tmp)                            # config and tokenizer: the base's
         (tmp / "graft.json").write_text(json.dumps({"formula": "base + (add - sub), tensor by tensor in fp32",
-                                                    "base": str(base), "add": str(add), "sub": str(sub)}, indent=1))
+                                                    "base": str(base), "add": str(add), "sub": str(sub),
+                                                    "base_dir": str(paths[0].resolve())}, indent=1))   # provenance
     log(f"wrote {out} = {base} + ({add} - {sub})")
     return out
 

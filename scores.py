@@ -35,8 +35,8 @@ from safetensors.torch import save_file
 
 from run_setup import cli
 import data
-from run_setup import dist
-from checkpoint_io.checkpoint import UserError, check_same_base, load_tokenizer, read_json, resolve
+from run_setup import dist, preflight
+from checkpoint_io.checkpoint import UserError, check_same_base, load_tokenizer, resolve
 from run_setup.optim import local as optim_local
 from checkpoint_io.outputs import atomic_dir, check_output, save_figure
 from fused_kernels.grad_delta import grad_delta
@@ -303,16 +303,6 @@ def load_pair(ckpt_a, ckpt_b, device, log=print):
     return model_a, model_b, load_tokenizer(ckpt_a)
 
 
-def dataset_of(ckpt_b, dataset=None, seed=None):
-    """The dataset and seed to score: given, else those in ckpt_b's metrics.json (seed 0 if it names none)."""
-    meta_file = resolve(ckpt_b) / "metrics.json"
-    meta = read_json(meta_file, "metrics.json").get("args", {}) if meta_file.exists() else {}
-    dataset = dataset or meta.get("dataset")
-    if dataset is None:
-        raise UserError(f"no --dataset given and {meta_file} does not name one")
-    return dataset, seed if seed is not None else meta.get("seed", 0)
-
-
 def score(model_a, model_b, tok, examples, log=print, upstream=True):
     """Every linearized score (upstream=False: informative and downstream only), averaged over prompts on the
     anchor's positions: ({key: (Ta, L[, H])}, tokens).
@@ -355,15 +345,17 @@ def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", devi
     name_a = ckpt_a
     if revision is not None:                                      # that snapshot's directory, for every use below
         ckpt_a = resolve(ckpt_a, revision)
-    dataset, seed = dataset_of(ckpt_b, dataset, seed)
+    dataset, seed = preflight.pair(ckpt_a, ckpt_b, dataset, seed)   # W, W' and the dataset: before any work
     splits = data.load_dataset(dataset, seed=seed)
     if split not in splits:
         raise UserError(f"dataset {dataset!r} has no split {split!r} (it has {', '.join(splits)})")
     if dist.launched() > 1:                                       # torchrun: a share of the prompts per rank
         device = dist.init(device)
         log = dist.main_log(log)
+    chance = preflight.answers(load_tokenizer(ckpt_a), {split: splits[split]}, log)   # before the models load
     # before the passes; rank 0 alone, as it alone writes (a leftover of a killed run is cleaned once)
-    dist.on_main(check_output, out, "scores", overwrite, inputs=[resolve(ckpt_a), resolve(ckpt_b)], log=log)
+    dist.on_main(check_output, out, "scores", overwrite, inputs=preflight.inputs([resolve(ckpt_a), resolve(ckpt_b)],
+                                                                                   dataset), log=log)
     model_a, model_b, tok = load_pair(ckpt_a, ckpt_b, device, log)
     sc, tokens, b = score(model_a, model_b, tok, splits[split], log)
     if not dist.is_main():
@@ -371,6 +363,7 @@ def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", devi
     settings = {"ckpt_a": str(name_a), "revision": revision, "ckpt_b": str(ckpt_b),
                 "ckpt_a_dir": str(resolve(ckpt_a)),
                 "dataset": str(dataset), "seed": seed, "split": split, "n_prompts": b.ids.shape[0],
+                "chance_mean_rank": chance[split],
                 "anchor_prompt": splits[split][b.anchor].prompt, "anchor_tokens": tokens,
                 "reward": "logit(answer first token) - mean over candidates' first tokens",
                 "upstream": "eq. 6 as defined (W_late <- W'_late); upstream_authors: g' from the full pass at W'",

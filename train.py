@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from run_setup import cli
 import data
-from run_setup import dist, speedups
+from run_setup import dist, preflight, speedups
 from run_setup.optim import AdamInBackward, local as optim_local
 from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer,
                                      multimodal, open_shard, resolve, safetensors_files, text_keys, write_checkpoint)
@@ -280,6 +280,7 @@ def run(s: Settings, log=print, model=None):
     data.check_context(tok, [e for _, ex, ev in phases for e in ex + sum(ev.values(), [])], cfg.max_positions)
     if dist.launched() > 1:                                             # torchrun: checks, then the process group
         s.device, log = dist.setup_training(cfg, s.device, s.train_all, model, log)
+    chance = {name: preflight.answers(tok, ev, log, f"{name}: ") for name, _, ev in phases}   # before the model loads
     torch.manual_seed(s.seed)
     if model is None:
         model = dist.load_sharded(path, s.device) if dist.world_size() > 1 else \
@@ -287,7 +288,7 @@ def run(s: Settings, log=print, model=None):
     if s.lr is None:
         s.lr = default_lr(s.model, sum(p.numel() for p in model.parameters()))
     records, facts = finetune(model, tok, phases, s, log)
-    metrics = {"args": asdict(s), "base_model": str(model.source), **facts,
+    metrics = {"args": asdict(s), "base_model": str(model.source), **facts, "chance_mean_rank": chance,
                "torch_threads": torch.get_num_threads(), "world_size": dist.world_size(),
                "wall_time_s": time.time() - t_start, "records": records}
     return model, metrics
@@ -380,7 +381,7 @@ def main(argv=None):
     speedups.for_device(s.device)
 
     def work():
-        inputs = [x for x in (s.dataset, s.model) if Path(x).exists()]   # --out must not replace these
+        inputs = preflight.inputs([resolve(s.model, s.revision)], s.dataset)   # --out must not replace these
         s.device = dist.init(s.device)                            # torchrun: the process group, so that ...
         dist.on_main(check_output, s.out, "checkpoint", s.overwrite, inputs)   # ... rank 0 alone checks (and cleans
         # a killed run's leftovers), before the model loads, not after training

@@ -16,13 +16,14 @@ from safetensors.torch import save_file
 
 from config import Config
 from model import Transformer
-from checkpoint_io.outputs import UserError
+from checkpoint_io.outputs import MARKER, UserError
 
 DEFAULT_NAME = "smollm2-135m"      # the embedded default model (checkpoint_io/default_model.py)
 # what a checkpoint directory carries besides its weights (copied from the source model when we write one);
 # the license and notice files too: the Gemma terms require them with every copy of the weights or a derivative
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "LICENSE", "GEMMA_TERMS.html", "NOTICE")
+SIDE_FILE_CAP = 100 * 2**20        # bytes: Gemma 3's tokenizer.json, the largest side file we know, is 33 MB
 
 
 # --- finding and reading a checkpoint ---------------------------------------------------------------------
@@ -68,36 +69,76 @@ def embedded_hint(name):
 def read_json(f: Path, what="file"):
     try:
         return json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {f} ({what}): {e}; restore or re-download it") from None
+    except (OSError, ValueError, RecursionError) as e:            # RecursionError: nested thousands deep
+        raise UserError(f"cannot read {f} ({what}): {str(e)[:200]}; restore or re-download it") from None
+
+
+def checkpoint_file(directory, name, what="file"):
+    """`directory / name`, the one check on every file of a checkpoint we read or copy (config, tokenizer, shards,
+    side files): `name` is a plain file name (a shard index names no "../x" or "/x"), and the file is a regular file
+    stored inside the checkpoint. Inside means in the directory itself or, for a hub snapshot, in its repo folder:
+    huggingface_hub keeps models--o--n/snapshots/<rev>/NAME as a link to ../../blobs/<sha>. None: no such file; a
+    link elsewhere (another folder, /dev/zero) is a UserError."""
+    directory = Path(directory)
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"{directory}: the {what} {name!r} is no plain file name; it may lead outside the checkpoint "
+                        "directory: refused")
+    f = directory / name
+    if not f.exists() and not f.is_symlink():
+        return None
+    home = directory.resolve()
+    if home.parent.name == "snapshots" and home.parent.parent.name.startswith("models--"):
+        home = home.parent.parent                                 # the hub cache's repo folder: blobs/ and snapshots/
+    target = f.resolve()
+    if not target.is_file() or home not in target.parents:
+        where = "not a regular file" if not target.is_file() else f"outside {home}"
+        raise UserError(f"{f} leads to {target}, {where}: refused; put the file itself into the checkpoint directory")
+    return f
+
+
+def config_dict(path) -> dict:
+    """The checkpoint's config.json as a dict; a directory without one is named for what it is."""
+    f = checkpoint_file(path, "config.json", "config")
+    if f is None:
+        marker = read_json(Path(path) / MARKER) if (Path(path) / MARKER).is_file() else {}
+        kind = marker.get("kind") if isinstance(marker, dict) else None
+        what = f"a {kind} output of ours" if kind else "no checkpoint directory"
+        raise UserError(f"{path} has no config.json, so it is {what}: pass a checkpoint (a directory train.py or "
+                        f"graft.py wrote, a hub id, or {DEFAULT_NAME!r})")
+    cfg = read_json(f, "config.json")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f} holds a JSON {type(cfg).__name__}, not an object of settings: restore or re-download it")
+    return cfg
 
 
 def load_config(path: Path) -> Config:
     f = Path(path) / "config.json"
-    if not f.exists():
-        raise UserError(f"{path} has no config.json: not a checkpoint directory")
     try:
-        return Config.from_json(read_json(f, "config.json"))
+        return Config.from_json(config_dict(path))
     except KeyError as e:                                         # a required field is absent
         raise UserError(f"{f} lacks the required key {e.args[0]!r}: a damaged or non-transformer config") from None
+    except UserError:
+        raise
+    except ValueError as e:                                       # a wrong type or impossible value, by field
+        raise UserError(f"{f}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def safetensors_files(path: Path):
-    """The weight files of a checkpoint, sharded or not; shards are read only from inside the directory."""
+    """The weight files of a checkpoint, sharded or not; each read only from inside it (checkpoint_file)."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
+    index = checkpoint_file(path, "model.safetensors.index.json", "shard index")
+    if index is not None:
         idx = read_json(index, "shard index")
         if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
             raise UserError(f"{index} has no weight_map: a damaged shard index")
         files = []
-        for name in sorted(set(idx["weight_map"].values())):
-            f = (path / str(name)).resolve()
-            if f.parent != path.resolve():                       # "../x.safetensors" or an absolute path
-                raise UserError(f"{index} names the shard {name!r} outside the checkpoint directory: refused")
+        for name in sorted(set(map(str, idx["weight_map"].values()))):
+            f = checkpoint_file(path, name, "shard")               # the name, not where the hub stores its bytes
+            if f is None:
+                raise UserError(f"{index} names the shard {name!r}, which {path} lacks: re-download the checkpoint")
             files.append(f)
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = [checkpoint_file(path, f.name, "weight file") for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise UserError(f"{path} has no *.safetensors weights")
     return files
@@ -124,7 +165,7 @@ NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "m
 
 def multimodal(path) -> bool:
     """A multimodal Gemma 3 checkpoint: config.json's model_type "gemma3", the text model in its text_config."""
-    return read_json(Path(path) / "config.json", "config.json").get("model_type") == "gemma3"
+    return config_dict(path).get("model_type") == "gemma3"
 
 
 def text_keys(sf, multimodal: bool):
@@ -156,11 +197,20 @@ def weights(path: Path, cfg: Config, expected):
                     if t.shape != expected[name].shape:
                         raise UserError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
                                         f"config.json implies {tuple(expected[name].shape)}")
-                    yield name, t
+                    yield name, check_finite(t, key, f)
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"cannot read {f}: {e} (truncated or corrupt file? re-download it)") from None
+
+
+def check_finite(t, key, f):
+    """`t`, after checking it holds no NaN or infinity: one such weight makes every score, rank and graft NaN
+    with no other sign. One read of the tensor, far less than any use of it."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise UserError(f"{f}: the weight {key} holds NaN or infinite values (a diverged or damaged checkpoint): "
+                        "use another checkpoint")
+    return t
 
 
 def from_pretrained(name_or_path, dtype=torch.float32, device="cpu", revision=None) -> Transformer:
@@ -191,8 +241,8 @@ def load_tokenizer(name_or_path, revision=None):
 
 def _load_tokenizer(path):
     from tokenizers import Tokenizer
-    f = path / "tokenizer.json"
-    if not f.exists():
+    f = checkpoint_file(path, "tokenizer.json", "tokenizer")
+    if f is None:
         raise UserError(f"{path} has no tokenizer.json")
     try:
         return Tokenizer.from_file(str(f))
@@ -233,10 +283,14 @@ def copy_side_files(src, directory):
     and a multimodal base's config.json becomes its text model's, as the text weights we write need."""
     src, directory = Path(src), Path(directory)
     for name in SIDE_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, directory / name)
+        f = checkpoint_file(src, name, "side file")               # regular files from inside the checkpoint only
+        if f is not None and f.stat().st_size > SIDE_FILE_CAP:
+            raise UserError(f"{f} is {f.stat().st_size / 2**20:.0f} MiB, more than a {name} can be "
+                            f"({SIDE_FILE_CAP // 2**20} MiB): a damaged checkpoint; restore or re-download it")
+        if f is not None:
+            shutil.copy(f, directory / name)
     if multimodal(src):
-        cfg = read_json(src / "config.json", "config.json")
+        cfg = config_dict(src)
         text = {**cfg.get("text_config", {}), "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
                 "tie_word_embeddings": load_config(src).tie_embeddings}     # multimodal: the top-level flag ties
         (directory / "config.json").write_text(json.dumps(text, indent=2) + "\n")

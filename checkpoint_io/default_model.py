@@ -30,13 +30,9 @@ from safetensors.torch import save_file
 
 from checkpoint_io.gguf_convert import (expected_shapes, gemma3_config, gemma3_weights, gemma_tokenizer,
                                         llama_config, llama_weights, smollm_tokenizer)
-from checkpoint_io.outputs import atomic_dir
+from checkpoint_io.outputs import atomic_dir, cache_root
 
 DEFAULT_NAME = "smollm2-135m"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EXTRACTIVE_CACHE") or Path.home() / ".cache" / "extractive-structures")
 
 
 def package_dir(m: "Embedded") -> Path:

@@ -6,8 +6,13 @@ Outputs (checkpoints, scores, grafts, reports) follow one rule, "nothing lost":
   - an existing output is replaced only if it is one of ours: a directory whose marker file (MARKER) says it is
     the same kind of output and lists every entry it holds. Anything else (a user's directory, a file, a
     checkpoint with notes added) stops the run with a one-line error before any work, unless `overwrite=True`;
+  - never, `overwrite` or not, does an output replace, hold or sit inside an input of the run (a checkpoint, the
+    dataset file), the embedded models' cache (the base of every later run), or a directory that holds the home
+    or the current directory;
+  - a write that fails (a full disk) is one line, and the old output stays;
   - leftovers of killed runs (temporaries, a displaced old output) are cleaned, or put back, the next time.
 """
+import errno
 import json
 import os
 import secrets
@@ -16,11 +21,19 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 MARKER = "extractive-structures.json"   # in every output directory we write: {"kind", "files"}
 
 
 class UserError(ValueError):
     """An error the user can fix (a path, a file, an argument): scripts print it as one line, no traceback."""
+
+
+def cache_root() -> Path:
+    """The embedded models' cache (checkpoint_io/default_model.py converts them into it); here because no output
+    but theirs may touch it."""
+    return Path(os.environ.get("EXTRACTIVE_CACHE") or Path.home() / ".cache" / "extractive-structures")
 
 
 def _tmp_name(path: Path, tag):
@@ -71,14 +84,19 @@ def check_output(out, kind, overwrite=False, inputs=(), log=print):
     """Before any work: `out` can be written, and replacing it loses nothing of the user's. Returns the Path."""
     out = Path(out)
     where = out.resolve()
-    cwd = Path.cwd().resolve()
-    if where == Path(where.anchor) or where == Path.home().resolve() or where == cwd or where in cwd.parents:
-        raise UserError(f"refusing to write the output {out} over {where}, which holds this run's or your files: "
-                        "give a new path")
-    for i in inputs:
+    for d in (Path.home().resolve(), Path.cwd().resolve()):
+        if where == d or where in d.parents:                      # the filesystem root, /home, ~, ~/.., . or ..
+            raise UserError(f"refusing to write the output {out} over {where}, which holds this run's or your "
+                            "files: give a new path")
+    # the embedded models' cache counts as an input of every run: a finetune written there becomes the base of
+    # every later run, unnoticed. Only their conversion (kind "embedded-model") writes into it
+    cache = [] if kind == "embedded-model" else [cache_root().resolve()]
+    for i in [*inputs, *cache]:
         i = Path(i).resolve()
-        if i == where or where in i.parents:
-            raise UserError(f"the output {out} would replace the input {i}: give another output path")
+        if i == where or where in i.parents or i in where.parents:
+            how = "replace" if i == where else "hold" if where in i.parents else "sit inside"
+            what = "the embedded models' cache" if i in cache else "the input"
+            raise UserError(f"the output {out} would {how} {what} {i}: give another output path")
     clean_leftovers(out, log)
     empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())    # replacing it loses nothing
     if (out.exists() or out.is_symlink()) and not (overwrite or empty or is_ours(out, kind)):
@@ -119,9 +137,19 @@ def atomic_dir(out, kind, overwrite=False, inputs=(), log=print):
         (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
         check_output(out, kind, overwrite, inputs, log)           # again: the user may have made it meanwhile
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_full(e, out)
         raise
+
+
+def _raise_if_full(e, out):
+    """A full disk (or quota) while writing `out` as one line. safetensors' save_file raises its own SafetensorError,
+    which is no OSError, so the scripts' one-line handler (run_setup/cli.py) would not see it."""
+    if isinstance(e, SafetensorError) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"cannot write {out} ({reason}); the old output is unchanged: free disk space or choose "
+                        "another output path, then run again") from None
 
 
 def work_dir(path, kind):
@@ -155,8 +183,9 @@ def write_atomic(path, content):
         else:
             tmp.write_text(content)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _raise_if_full(e, path)
         raise
 
 

@@ -29,6 +29,14 @@ def positive_float(s):
     return v
 
 
+def fraction(s):
+    """A number in (0, 1]: a share of the way (exact.py's --ablation, 0.05 = 5% of the way from y to y*)."""
+    v = positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{s} is not a fraction: give a number in (0, 1], e.g. 0.05 for 5%")
+    return v
+
+
 def device_name(name):
     """--device: a name torch accepts (cpu, cuda, cuda:1, ...), checked when the arguments are parsed."""
     try:
