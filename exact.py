@@ -211,7 +211,7 @@ def main(argv=None):
     ap.add_argument("--out", help="output directory (default runs/<ckpt_b name>.exact)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out even if it is not ours")
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
-    ap.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
+    cli.threads_flag(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out or Path("runs") / f"{Path(str(a.ckpt_b)).name}.exact")

@@ -1,6 +1,6 @@
 """Informative, downstream and upstream scores of every MLP and attention head, at every position (paper Sec. 4).
 
-    python scores.py ckpt_a ckpt_b [--dataset NAME] [--out DIR] [--exact]
+    python scores.py ckpt_a ckpt_b [--dataset NAME] [--out DIR]      # exact.py: the exact scores (eqs. 1-3)
 
 W = ckpt_a (before finetuning), W' = ckpt_b (after). The reward R of an implication prompt is the logit of its
 answer's first token minus the mean logit of all candidates' first tokens, at the last prompt position.
@@ -397,7 +397,7 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true",
                     help="replace --out even if it is not a scores directory of ours (by default an error)")
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
-    ap.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
+    cli.threads_flag(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out or Path("runs") / f"{Path(str(args.ckpt_b)).name}.scores")

@@ -363,8 +363,7 @@ def main(argv=None):
                    help="keep Adam's moments in host memory and copy them to the device for each parameter's step "
                         "(8 bytes less device memory a trained parameter; the fp32 update, bit for bit; slower)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
-    p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(),
-                   help="CPU threads for torch (default: every core this process may use; 1 on a busy machine)")
+    cli.threads_flag(p)
     s = Settings.from_args(p.parse_args(argv))
     s.out = s.out or str(Path("runs") / data.dataset_name(s.dataset))
     torch.set_num_threads(s.threads)

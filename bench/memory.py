@@ -2,13 +2,13 @@
 
     python bench/memory.py [--layers 1 2 4] [--steps 3] [--device cpu]
 
-For each memory option (fp32 Adam, the default; --moments bf16; --offload-optimizer) and each layer count, a fresh
-process builds a random-weight model with OLMo-7B-0424's exact widths (hidden 4096, MLP 11008, 32 heads, vocab
-50304, parameter-free LayerNorm, untied head) but only that many layers, and takes real training steps of
-train.py's code (answer_loss, AdamInBackward inside backward, the blocks trained, embeddings and head frozen) on a
+For each of train.py's memory options (fp32 Adam, the default; --moments bf16; --offload-optimizer) and each layer
+count, a fresh process builds a random-weight model with OLMo-7B-0424's exact widths (hidden 4096, MLP 11008, 32
+heads, vocab 50304, parameter-free LayerNorm, untied head) but only that many layers, and takes real training steps
+of train.py's code (answer_loss, AdamInBackward inside backward, the blocks trained, embeddings and head frozen) on a
 batch of 8 facts-like sequences of 10 tokens. It reports its peak: CUDA's max_memory_allocated on a GPU, else the
-peak resident memory (VmHWM). With --offload-optimizer on a CPU the host is the device, so the table's "device"
-column subtracts the bytes of Adam's moments held on the host, counted from the optimizer's own tensors.
+peak resident memory (VmHWM). With train.py --offload-optimizer on a CPU the host is the device, so the table's
+"device" column subtracts the bytes of Adam's moments held on the host, counted from the optimizer's own tensors.
 A least-squares line bytes = a + b * layers per option gives b (bytes per layer); the extrapolation is
     a - 4 * frozen parameters here  +  4 * frozen parameters of the target  +  b / block parameters here * block
     parameters of the target,
