@@ -44,6 +44,7 @@ import torch
 from run_setup import cli
 import data
 from run_setup import dist
+from run_setup.progress import estimate
 import exact
 import graft
 from paper_report import preconditions
@@ -189,12 +190,15 @@ def run_list(seed, w, todo):
     together."""
     times_file = w / "stage_times.json"
     times = read_json(times_file) or {}
+    pending, ran, t_start = sum(not d.exists() for _, d, _ in todo), 0, time.time()
     for i, (name, done, action) in enumerate(todo, 1):
         if done.exists():
             if times.get(name, {}).get("status") in (None, "failed"):     # finished outside this tool
                 times[name] = {"status": "reused", "seconds": None}
             continue
-        log(f"seed {seed} stage {i}/{len(todo)} {name}: running")
+        log(f"seed {seed} stage {i}/{len(todo)} {name}: running (this seed's {pending} stages to run: "
+            f"{estimate(ran, pending, time.time() - t_start)} at the mean pace so far)")
+        ran += 1
         t0, load, error = time.time(), os.getloadavg()[0], None
         try:
             action()

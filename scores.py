@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from run_setup import cli
 import data
 from run_setup import dist
+from run_setup.progress import progress, ticking
 from checkpoint_io.checkpoint import UserError, check_same_base, load_tokenizer, read_json, resolve
 from run_setup.optim import local as optim_local
 from checkpoint_io.outputs import atomic_dir, check_output, save_figure
@@ -141,22 +142,21 @@ def weight_delta(model_a, model_b, layer, name):
     return pb[name] - pa[name] if name in pa else None
 
 
-def late_gradients(model_a, model_b, b, ta, log=lambda *_: None):
+def late_gradients(model_a, model_b, b, ta):
     """g' of eq. 6: dR/dy_c with only the weights after component c changed (W_late <- W'_late), for every
     layer l, from the W residual stream cached in `ta` (pass 1):
         heads of layer l: attention at W (its output attn_out the leaf), layer l's MLP and later layers at W'
         MLP of layer l:   MLP at W (its output mlp_out the leaf), later layers at W'
     as in the exact eq. 3 (exact.py). Both entry points of a layer run as one batch of 2N through the later
-    layers: one partial pass per layer. Returns {l: dR/d attn_out (N, T, D)}, {l: dR/d mlp_out (N, T, D)}.
-    `log` hears every 10 layers."""
+    layers: one partial pass per layer. Returns {l: dR/d attn_out (N, T, D)}, {l: dR/d mlp_out (N, T, D)}."""
     L, N = model_a.config.n_layers, b.ids.shape[0]
     rope, mask = model_a.prepare(b.ids, b.mask)
     rope2, mask2 = model_b.prepare(b.ids.repeat(2, 1), b.mask.repeat(2, 1))
     last = b.mask.repeat(2, 1).sum(1) - 1                          # (2N,) right padding
     A, B = model_a.layers, model_b.layers
     g_attn, g_mlp = {}, {}
-    for l in dist.layer_by_layer(model_a, model_b):               # torchrun: layer l's weights whole, then freed
-        p = f"layers.{l}."
+    for l in progress(dist.layer_by_layer(model_a, model_b), "eq. 6's partial passes", L, "layer"):   # torchrun:
+        p = f"layers.{l}."                                         # layer l's weights whole, then freed
         t_head, t_mlp = Taps(grads=True), Taps(grads=True)         # each records its own leaf y_c
         h0 = ta[p + "resid_pre"].detach()                          # (N, T, D) at W
         mid = h0 + A[l].attn_sublayer(h0, rope, mask, t_head)      # the heads at W ...
@@ -169,8 +169,6 @@ def late_gradients(model_a, model_b, b, ta, log=lambda *_: None):
         logits = model_b.logits(model_b.model.norm(h)[torch.arange(2 * N, device=h.device), last])
         data.reward(logits, b.correct.repeat(2), b.cands).sum().backward()
         g_attn[l], g_mlp[l] = t_head[p + "attn_out"].grad, t_mlp[p + "mlp_out"].grad
-        if (l + 1) % 10 == 0 and l + 1 < L:
-            log(f"  eq. 6's partial passes: {l + 1}/{L} layers")
     return g_attn, g_mlp
 
 
@@ -184,12 +182,15 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
     N, T = b.ids.shape
     rope, mask = model_a.prepare(b.ids, b.mask)
     t0 = time.time()
-    ta = record(model_a, b)                                        # pass 1, at W
-    log(f"  pass 1/3 (forward and backward at W) done, {time.time() - t0:.0f} s")
+    with ticking("pass 1/3, forward and backward at W"):
+        ta = record(model_a, b)                                    # pass 1, at W
+    t1 = time.time() - t0
+    log(f"  pass 1/3 (forward and backward at W) done, {t1:.0f} s")
     if upstream:
-        tb = record(model_b, b)                                    # pass 2, at W'
+        with ticking("pass 2/3, forward and backward at W'", expected_s=t1):      # pass 1's work again
+            tb = record(model_b, b)                                # pass 2, at W'
         log(f"  pass 2/3 (forward and backward at W') done, {time.time() - t0:.0f} s")
-        g_attn, g_mlp = late_gradients(model_a, model_b, b, ta, log)  # eq. 6's g', W_late <- W'_late
+        g_attn, g_mlp = late_gradients(model_a, model_b, b, ta)  # eq. 6's g', W_late <- W'_late
         log(f"  eq. 6's partial passes ({L} layers) done, {time.time() - t0:.0f} s; pass 3/3, the scores per layer")
     else:                                                          # pass 2 as eq. 5 needs it: W' activations only
         with torch.no_grad():
@@ -197,8 +198,8 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
     kinds = ("informative", "downstream") + (("upstream", "upstream_authors") if upstream else ())
     out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")}
     with torch.no_grad():
-        for l in dist.layer_by_layer(model_a, model_b):           # torchrun: layer l's weights whole, then freed
-            p = f"layers.{l}."
+        for l in progress(dist.layer_by_layer(model_a, model_b), "pass 3/3, the scores", L, "layer"):   # torchrun:
+            p = f"layers.{l}."                                     # layer l's weights whole, then freed
             a = lambda name: ta[p + name].detach()
             grad = lambda t, name: t[p + name].grad
             flat = lambda x: x.reshape(N * T, -1)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from run_setup import cli
 import data
 from run_setup import dist, speedups
+from run_setup.progress import progress
 from run_setup.optim import AdamInBackward, local as optim_local
 from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer,
                                      multimodal, open_shard, resolve, safetensors_files, text_keys, write_checkpoint)
@@ -209,7 +210,7 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
             model.train()
             perm = torch.randperm(N, generator=gen).to(device)
             losses = []
-            for i in range(0, N, B):
+            for i in progress(range(0, N, B), f"{phase} epoch {epoch}/{s.epochs}", unit="step"):
                 opt.start_step(s.lr * lr_factor(step, total, constant=s.constant_lr))
                 with autocast(s):
                     loss = answer_loss(model, *batch(perm[i:i + B]), head=head)
