@@ -171,7 +171,8 @@ def evaluate(model, tok, evals, s: Settings):
 @torch.no_grad()
 def dataset_loss(model, batches, s: Settings, head=None):
     with autocast(s):
-        losses = [answer_loss(model, *b, head=head).item() for b in batches]
+        losses = [answer_loss(model, *b, head=head).item()
+                  for b in progress(batches, "loss before training", unit="batch")]
     return sum(losses) / len(losses)
 
 

@@ -28,6 +28,11 @@ def duration(s):
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def count(n, unit):
+    """'1 batch', '3 batches', '2 steps'."""
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}{'es' if unit.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
+
+
 def estimate(done, total, elapsed):
     """'12 s elapsed, about 30 s left': the time left at the mean pace so far (unknown before the first item)."""
     left = "time left unknown" if not done or total is None else \
@@ -53,16 +58,16 @@ class Lines:
     def update(self, n=1):
         self.n += n
         now = time.monotonic()
-        if now - self.last >= EVERY_S:
+        if now - self.last >= EVERY_S and self.n != self.total:   # the last item: close() says it
             self.last, self.said = now, True
-            print(f"{self.desc}: {self.n}/{self.total or '?'} {self.unit}s, "
+            print(f"{self.desc}: {self.n}/{count(self.total or '?', self.unit)}, "
                   f"{estimate(self.n, self.total, now - self.t0)}", file=sys.stderr, flush=True)
 
     def close(self):
-        if self.said:                                              # a pass that reported says when it ended
-            self.said = False
-            print(f"{self.desc}: done, {self.n} {self.unit}s in {duration(time.monotonic() - self.t0)}",
-                  file=sys.stderr, flush=True)
+        elapsed = time.monotonic() - self.t0
+        if self.said or elapsed >= EVERY_S:                        # a pass that took a while says when it ended
+            self.said, self.t0 = False, float("inf")                # once
+            print(f"{self.desc}: done, {count(self.n, self.unit)} in {duration(elapsed)}", file=sys.stderr, flush=True)
 
     def __enter__(self):
         return self

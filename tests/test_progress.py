@@ -11,7 +11,7 @@ from run_setup import progress as P
 import scores
 import train
 
-LINE = re.compile(r"^(?P<desc>.+): (?P<n>\d+)/(?P<total>\d+|\?) (?P<unit>\w+)s, (?P<elapsed>[\d.]+ (s|min|h)) "
+LINE = re.compile(r"^(?P<desc>.+): (?P<n>\d+)/(?P<total>\d+|\?) (?P<unit>\w+), (?P<elapsed>[\d.]+ (s|min|h)) "
                   r"elapsed, (about (?P<left>[\d.]+ (s|min|h)) left|time left unknown)$")
 
 
@@ -36,8 +36,8 @@ def test_plain_lines_off_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(P, "EVERY_S", 0.0)                          # a line at every item
     assert list(P.progress(range(3), "thing", unit="item")) == [0, 1, 2]
     err = capsys.readouterr().err
-    assert [x[:3] for x in lines_of(err)] == [("thing", 1, "3"), ("thing", 2, "3"), ("thing", 3, "3")]
-    assert lines_of(err)[-1][3] == "0 s" and err.splitlines()[-1].startswith("thing: done, 3 items in ")
+    assert [x[:3] for x in lines_of(err)] == [("thing", 1, "3"), ("thing", 2, "3")]     # the last one: "done"
+    assert err.splitlines()[-1].startswith("thing: done, 3 items in ") and len(err.splitlines()) == 3
     monkeypatch.setattr(P, "EVERY_S", 60.0)                         # a short pass says nothing
     list(P.progress(range(3), "quick"))
     assert capsys.readouterr().err == ""
@@ -73,14 +73,16 @@ def test_a_tiny_finetune_and_its_scores_report_every_pass(tiny_dir, small_json, 
     monkeypatch.setattr(P, "EVERY_S", 0.0)
     train.main(["--model", str(tiny_dir), "--dataset", small_json, "--out", str(tmp_path / "ft"), "--epochs", "2",
                 "--lr", "1e-2", "--device", "cpu"])
-    got = lines_of(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    got = lines_of(err)
     steps = [x for x in got if x[0].startswith("finetune epoch")]
     # 10 facts at batch 8: 2 steps an epoch, each epoch's steps counted with the time left
-    assert [x[:3] for x in steps] == [("finetune epoch 1/2", 1, "2"), ("finetune epoch 1/2", 2, "2"),
-                                      ("finetune epoch 2/2", 1, "2"), ("finetune epoch 2/2", 2, "2")]
-    assert all(x[3] is not None for x in steps)
-    assert any(x[0] == "ranks of 10 prompts" for x in got)           # the evaluation
+    assert [x[:3] for x in steps] == [("finetune epoch 1/2", 1, "2"), ("finetune epoch 2/2", 1, "2")]
+    assert all(x[3] is not None for x in steps)                      # each with the time left
+    assert err.count("finetune epoch 2/2: done, 2 steps in") == 1
+    assert "ranks of 10 prompts: done, 1 batch" in err               # the evaluation
+    assert "loss before training: done, 2 batches in" in err
     scores.run(tiny_dir, tmp_path / "ft", tmp_path / "sc", device="cpu", log=lambda *_: None)
     got = lines_of(capsys.readouterr().err)
-    for desc in ("eq. 6's partial passes", "pass 3/3, the scores"):  # per layer of the 4
-        assert [x[1] for x in got if x[0] == desc] == [1, 2, 3, 4], desc
+    for desc in ("eq. 6's partial passes", "pass 3/3, the scores"):  # per layer of the 4, the last one "done"
+        assert [x[1] for x in got if x[0] == desc] == [1, 2, 3], desc
