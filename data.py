@@ -297,6 +297,11 @@ def ranks_from_logits(logits_last, correct, cand_ids):
     return higher + 0.5 * ties
 
 
+def chance(examples):
+    """The mean rank of a guess among the split's C distinct answers, (C - 1) / 2: 9.5 for the built-in splits."""
+    return (len({e.answer for e in examples}) - 1) / 2
+
+
 def mean_rank(model, tokenizer, examples, batch_size=32):
     """Mean rank of Sec. 3 over `examples`; candidates: all distinct answers of `examples`."""
     _, cands, correct = candidates(tokenizer, examples)

@@ -254,28 +254,27 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
 
 # --- outputs: tensors, figure (paper Fig. 3), summary -----------------------------------------------
 
-def figure(scores, tokens, path, title):
+def figure(scores, tokens, title):
     """Rows downstream / informative / upstream (eq. 6 as defined); columns MLPs and attention (heads summed);
-    layer x position."""
+    layer x position. One colour scale a row (a score kind), symmetric, so MLPs and heads compare within a kind."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 2, figsize=(2 + 0.45 * len(tokens) * 2, 11), squeeze=False)
+    fig, axes = plt.subplots(3, 2, figsize=(3 + 0.5 * len(tokens) * 2, 11), squeeze=False, layout="constrained")
     for r, kind in enumerate(("downstream", "informative", "upstream")):
-        for c, comp in enumerate(("mlp", "attn")):
-            v = scores[f"{kind}.{comp}"]
-            v = (v.sum(-1) if comp == "attn" else v).T.numpy()     # (L, Ta)
-            m = float(abs(v).max()) or 1.0                         # symmetric limits: nothing saturates
+        vs = [(scores[f"{kind}.attn"].sum(-1) if comp == "attn" else scores[f"{kind}.mlp"]).T.numpy()   # (L, Ta)
+              for comp in ("mlp", "attn")]
+        m = max(float(abs(v).max()) for v in vs) or 1.0           # symmetric limits: nothing saturates
+        for c, (comp, v) in enumerate(zip(("MLP", "attention (heads summed)"), vs)):
             ax = axes[r, c]
-            im = ax.imshow(v, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto", origin="lower",
-                           interpolation="nearest")
-            ax.set_title(f"{kind}: {'MLP' if comp == 'mlp' else 'attention (heads summed)'}", fontsize=10)
+            im = ax.imshow(v, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto", origin="lower", interpolation="nearest")
+            ax.set_title(f"{kind}: {comp}", fontsize=10)
             ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right", fontsize=8)
             ax.set_ylabel("layer")
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
+        # every score is a first-order change of the reward R (a logit difference), summed over the prompt's maps
+        fig.colorbar(im, ax=axes[r, :], fraction=0.03, label=f"{kind} score\n(change of R, logits)")
+    fig.suptitle(f"{title}\ncolour scale shared within a row; the rows' scales differ", fontsize=10)
+    return fig
 
 
 def top_components(scores, tokens, k=5):
@@ -342,7 +341,7 @@ def write(out, scores_, tokens, settings, title, overwrite=False, log=print):
     with atomic_dir(out, "scores", overwrite, log=log) as tmp:
         tensors = {k: v.contiguous() for k, v in scores_.items()}
         save_file(tensors, str(tmp / "scores.safetensors"), metadata={"settings": json.dumps(settings)})
-        figure(scores_, tokens, tmp / "scores.png", title)
+        save_figure(figure(scores_, tokens, title), tmp / "scores.png")
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
         (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     return lines
