@@ -155,8 +155,9 @@ def late_gradients(model_a, model_b, b, ta):
     last = b.mask.repeat(2, 1).sum(1) - 1                          # (2N,) right padding
     A, B = model_a.layers, model_b.layers
     g_attn, g_mlp = {}, {}
-    for l in progress(dist.layer_by_layer(model_a, model_b), "eq. 6's partial passes", L, "layer"):   # torchrun:
-        p = f"layers.{l}."                                         # layer l's weights whole, then freed
+    bar = progress(desc="eq. 6's partial passes", total=L * (L + 1) // 2, unit="block")   # layer l's runs L - l
+    for l in dist.layer_by_layer(model_a, model_b):               # torchrun: layer l's weights whole, then freed
+        p = f"layers.{l}."
         t_head, t_mlp = Taps(grads=True), Taps(grads=True)         # each records its own leaf y_c
         h0 = ta[p + "resid_pre"].detach()                          # (N, T, D) at W
         mid = h0 + A[l].attn_sublayer(h0, rope, mask, t_head)      # the heads at W ...
@@ -169,6 +170,8 @@ def late_gradients(model_a, model_b, b, ta):
         logits = model_b.logits(model_b.model.norm(h)[torch.arange(2 * N, device=h.device), last])
         data.reward(logits, b.correct.repeat(2), b.cands).sum().backward()
         g_attn[l], g_mlp[l] = t_head[p + "attn_out"].grad, t_mlp[p + "mlp_out"].grad
+        bar.update(L - l)
+    bar.close()
     return g_attn, g_mlp
 
 

@@ -84,5 +84,6 @@ def test_a_tiny_finetune_and_its_scores_report_every_pass(tiny_dir, small_json, 
     assert "loss before training: done, 2 batches in" in err
     scores.run(tiny_dir, tmp_path / "ft", tmp_path / "sc", device="cpu", log=lambda *_: None)
     got = lines_of(capsys.readouterr().err)
-    for desc in ("eq. 6's partial passes", "pass 3/3, the scores"):  # per layer of the 4, the last one "done"
-        assert [x[1] for x in got if x[0] == desc] == [1, 2, 3], desc
+    assert [x[1] for x in got if x[0] == "pass 3/3, the scores"] == [1, 2, 3]    # of 4 layers; the last: "done"
+    # eq. 6's partial pass at layer l runs the L - l blocks from l on: the time left weighs each layer so
+    assert [x[1:3] for x in got if x[0] == "eq. 6's partial passes"] == [(4, "10"), (7, "10"), (9, "10")]
