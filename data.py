@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from run_setup.progress import progress
+
 # --- the world: 20 cities, names, animals -----------------------------------------------------------
 
 # (city, language, landmark): one language per city so that chance is 9.5 for every split. Each landmark is the
@@ -311,7 +313,7 @@ def last_logits(model, tokenizer, examples, batch_size=32):
     """(N, V) fp32 logits at each prompt's last token, in batches."""
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(examples), batch_size):
+    for i in progress(range(0, len(examples), batch_size), f"ranks of {len(examples)} prompts", unit="batch"):
         ids, mask = encode_prompts(tokenizer, [e.prompt for e in examples[i:i + batch_size]])
         out.append(logits_at_last(model, ids.to(device), mask.to(device)))
     return torch.cat(out)

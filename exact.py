@@ -20,6 +20,7 @@ import torch
 from torch.func import functional_call
 
 from run_setup import cli, preflight
+from run_setup.progress import progress, ticking
 import data
 import scores
 from checkpoint_io.checkpoint import load_tokenizer, resolve
@@ -49,7 +50,7 @@ def head_params(block_a, block_b, h, cfg):
     return new
 
 
-def exact(model_a, model_b, b, rows, ablation=1.0, log=print, kinds=("informative", "downstream", "upstream")):
+def exact(model_a, model_b, b, rows, ablation=1.0, kinds=("informative", "downstream", "upstream")):
     """Causal scores (eqs. 1-3) of every component, summed over positions, averaged over prompts `rows`; only
     the `kinds` asked for. `ablation` scales the mean ablation of eq. 3: y -> y + ablation (y* - y) (1.0: the full
     ablation).
@@ -58,8 +59,9 @@ def exact(model_a, model_b, b, rows, ablation=1.0, log=print, kinds=("informativ
     cfg = model_a.config
     H, E, L = cfg.n_heads, cfg.head_dim, cfg.n_layers
     n = len(rows)
-    ta = record(model_a, b)                                        # W: residual streams, z, mlp_out
-    tb = record(model_b, b)                                        # W': component inputs for pass 3
+    with ticking("exact scores: forward and backward at W and W'"):
+        ta = record(model_a, b)                                    # W: residual streams, z, mlp_out
+        tb = record(model_b, b)                                    # W': component inputs for pass 3
     s = b.subset(rows)
     rope, mask = model_a.prepare(s.ids, s.mask)
     get = lambda t, name: t[name].detach()[rows]
@@ -90,7 +92,7 @@ def exact(model_a, model_b, b, rows, ablation=1.0, log=print, kinds=("informativ
     out = {k: torch.zeros(L, H + 1) for k in kinds}                  # column H = MLP
     with torch.no_grad():
         R0 = R(layer(A[0]), 0, model_a)
-        for l in range(L):
+        for l in progress(range(L), f"exact scores ({', '.join(kinds)}, ablation {ablation:g})", unit="layer"):
             p = f"layers.{l}."
             z = get(ta, p + "z")                                   # (n, T, H*E)
             zstar = z + ablation * (aligned_mean_of_others(ta[p + "z"].detach(), b.pos, b.Ta)[rows] - z)
@@ -127,7 +129,6 @@ def exact(model_a, model_b, b, rows, ablation=1.0, log=print, kinds=("informativ
             ablate = {p + "mlp_out": ystar}
             out["upstream"][l, H] = (R(layer(A[l]), l, model_b) - R(layer(A[l], patch=ablate), l, model_b))[0] \
                 - (R0 - R(layer(A[l], patch=ablate), l, model_a))[0]                            # eq. 3
-            log(f"  exact scores: layer {l + 1}/{L}")
     return out
 
 
@@ -178,10 +179,10 @@ def run(ckpt_a, ckpt_b, out, n_prompts=4, ablation=0.05, dataset=None, seed=None
     lin = {k: v.cpu() for k, v in scores.linearized(model_a, model_b, b, log).items()}
     cfg = model_a.config
     log(f"exact scores (eqs. 1-3) on {len(rows)} prompts, full ablation")
-    full, lines = compare(exact(model_a, model_b, b, rows, 1.0, log), {k: v[rows] for k, v in lin.items()},
+    full, lines = compare(exact(model_a, model_b, b, rows, 1.0), {k: v[rows] for k, v in lin.items()},
                           cfg.n_layers, cfg.n_heads)
     log(f"exact upstream with the ablation scaled to {ablation:g}")
-    scaled_up = exact(model_a, model_b, b, rows, ablation, log, kinds=("upstream",))["upstream"] / ablation
+    scaled_up = exact(model_a, model_b, b, rows, ablation, kinds=("upstream",))["upstream"] / ablation
     scaled, scaled_lines = compare({"upstream": scaled_up}, {k: v[rows] for k, v in lin.items()},
                                    cfg.n_layers, cfg.n_heads, kinds=("upstream", "upstream_authors"))
     ident = sum_identity(model_a, model_b, b, rows, lin)
@@ -212,7 +213,7 @@ def main(argv=None):
     ap.add_argument("--out", help="output directory (default runs/<ckpt_b name>.exact)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out even if it is not ours")
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
-    ap.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
+    cli.threads_flag(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out or Path("runs") / f"{Path(str(a.ckpt_b)).name}.exact")

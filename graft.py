@@ -1,6 +1,6 @@
 """Weight grafting (paper Sec. 6.2): OUT = A + (B - C), and the Table 3 / Fig. 6 experiment built on it.
 
-    python graft.py OUT --base A --add B --sub C          # a checkpoint directory that loads like any other
+    python graft.py --out OUT --base A --add B --sub C    # a checkpoint directory that loads like any other
     python graft.py --experiment [--model M] [--seed S] [--out runs/graft]
 
 The experiment, on the daxwug data of Sec. 6.1 (80 train names: facts F, implications Impl F; the same names
@@ -18,6 +18,7 @@ train (train.finetune) copies of one loaded base model. Under torchrun (`torchru
 train.save; the weight arithmetic and every write run on rank 0 (dist.on_main), Table 3's ranks on a whole model
 on every rank (the same numbers everywhere), Fig. 6's scores with a share of the prompts per rank (scores.score).
 """
+import argparse
 import copy
 import dataclasses
 import gc
@@ -299,11 +300,11 @@ def impl_first(s, w, log=print):
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("out", nargs="?", help="output checkpoint directory of base + (add - sub)")
+    p.add_argument("old_out", nargs="?", help=argparse.SUPPRESS)     # `graft.py OUT --base ...`, as before --out
     p.add_argument("--base", help="checkpoint A (its config.json and tokenizer.json are copied)")
     p.add_argument("--add", help="checkpoint B, added")
     p.add_argument("--sub", help="checkpoint C, subtracted")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not a checkpoint of ours")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a checkpoint of ours")
     p.add_argument("--experiment", action="store_true", help="run the Table 3 / Fig. 6 experiment on daxwug")
     p.add_argument("--model", default=DEFAULT_NAME, help="--experiment: the base model")
     cli.revision_flag(p)
@@ -311,17 +312,22 @@ def main(argv=None):
                    help="--experiment: every stage's peak learning rate (default: train.py's)")
     p.add_argument("--epochs", type=cli.positive_int, default=8, help="--experiment: epochs of every stage")
     p.add_argument("--seed", type=int, default=0, help="--experiment: dataset pairing and shuffling seed")
-    p.add_argument("--out", dest="exp_out", default="runs/graft", help="--experiment: its work directory")
+    p.add_argument("--out", help="the checkpoint directory of base + (add - sub); with --experiment its work "
+                                 "directory (default there: runs/graft)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="--experiment: torch device")
     a = p.parse_args(argv)
+    if a.old_out is not None and a.out is not None:
+        p.error(f"the output is given twice ({a.old_out} and --out {a.out}): give --out only")
+    a.out = a.out or a.old_out
 
     def work():
         if a.experiment:
-            if a.out or a.base or a.add or a.sub:
-                raise UserError("--experiment takes --model, --seed and --out, not OUT/--base/--add/--sub")
-            return experiment(a.model, a.seed, a.exp_out, a.device, lr=a.lr, epochs=a.epochs, revision=a.revision)
+            if a.base or a.add or a.sub:
+                raise UserError("--experiment takes --model, --seed and --out, not --base/--add/--sub")
+            return experiment(a.model, a.seed, a.out or "runs/graft", a.device, lr=a.lr, epochs=a.epochs,
+                              revision=a.revision)
         if not (a.out and a.base and a.add and a.sub):
-            raise UserError("give OUT --base A --add B --sub C (or --experiment)")
+            raise UserError("give --out OUT --base A --add B --sub C (or --experiment)")
         if a.revision is not None:
             raise UserError("--revision is --experiment's (of its --model); --base, --add and --sub are directories")
         if dist.launched() > 1:

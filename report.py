@@ -15,12 +15,12 @@ alone logs and writes, and after every stage the ranks agree on whether it worke
     freeze_post_{hop}.json         Table 2 Early / Late: the plain finetune with its early / late layers reset to
                                    the base, which is what `train.py --freeze X --freeze-when post` computes
                                    (it trains the same model with the same seed first): no second training
-    {hop}_{early,late}_pre         --freeze X --freeze-when pre: Table 2 Early (pre) / Late (pre)
+    {hop}_{early,late}_pre         train.py --freeze X --freeze-when pre: Table 2 Early (pre) / Late (pre)
     graft                          graft.experiment: Table 3, Fig. 6, and Fig. 4's facts-first ordering
     daxwug_impl_first              Fig. 4: graft's W_ImplF, then train facts, then test facts (graft.train_stage)
-    daxwug_joint                   --dataset daxwug --order joint: Fig. 4
-    daxwug_facts_first_replay      --order facts_first_replay: Fig. 4's facts-first with the facts replayed in the
-                                   implication phase, the control for forgetting F (beyond the paper)
+    daxwug_joint                   train.py --dataset daxwug --order joint: Fig. 4
+    daxwug_facts_first_replay      train.py --order facts_first_replay: Fig. 4's facts-first with the facts
+                                   replayed in the implication phase, the control for forgetting F (beyond the paper)
     preconditions.json             preconditions.base_knowledge: does the base model know the hops the claims need
     salience.json                  preconditions.salience: per implication, the base model's knowledge of the known
                                    hop against the finetune's rank (Ghosal et al., beyond the paper)
@@ -44,6 +44,7 @@ import torch
 from run_setup import cli
 import data
 from run_setup import dist
+from run_setup.progress import estimate
 import exact
 import graft
 from paper_report import preconditions
@@ -238,12 +239,15 @@ def run_list(seed, w, todo):
     together."""
     times_file = w / "stage_times.json"
     times = read_json(times_file) or {}
+    pending, ran, t_start = sum(not d.exists() for _, d, _ in todo), 0, time.time()
     for i, (name, done, action) in enumerate(todo, 1):
         if done.exists():
             if times.get(name, {}).get("status") in (None, "failed"):     # finished outside this tool
                 times[name] = {"status": "reused", "seconds": None}
             continue
-        log(f"seed {seed} stage {i}/{len(todo)} {name}: running")
+        log(f"seed {seed} stage {i}/{len(todo)} {name}: running (this seed's {pending} stages to run: "
+            f"{estimate(ran, pending, time.time() - t_start)} at the mean pace so far)")
+        ran += 1
         t0, load, error = time.time(), os.getloadavg()[0], None
         try:
             action()
@@ -335,7 +339,7 @@ def main(argv=None):
                         "every seed's grid is done) and write no report (e.g. one process a seed, each with "
                         "--threads 1; a later `report.py --render-only` writes the report)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
-    p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
+    cli.threads_flag(p)
     args = p.parse_args(argv)
     if args.only_seeds and not set(args.only_seeds) <= set(range(args.seeds)):
         p.error(f"--only-seeds {','.join(map(str, args.only_seeds))}: the report's seeds are 0..{args.seeds - 1} "

@@ -1,6 +1,6 @@
 """Informative, downstream and upstream scores of every MLP and attention head, at every position (paper Sec. 4).
 
-    python scores.py ckpt_a ckpt_b [--dataset NAME] [--out DIR] [--exact]
+    python scores.py ckpt_a ckpt_b [--dataset NAME] [--out DIR]      # exact.py: the exact scores (eqs. 1-3)
 
 W = ckpt_a (before finetuning), W' = ckpt_b (after). The reward R of an implication prompt is the logit of its
 answer's first token minus the mean logit of all candidates' first tokens, at the last prompt position.
@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from run_setup import cli
 import data
 from run_setup import dist, preflight
+from run_setup.progress import progress, ticking
 from checkpoint_io.checkpoint import UserError, check_same_base, load_tokenizer, resolve
 from run_setup.optim import local as optim_local
 from checkpoint_io.outputs import atomic_dir, check_output, save_figure
@@ -141,20 +142,20 @@ def weight_delta(model_a, model_b, layer, name):
     return pb[name] - pa[name] if name in pa else None
 
 
-def late_gradients(model_a, model_b, b, ta, log=lambda *_: None):
+def late_gradients(model_a, model_b, b, ta):
     """g' of eq. 6: dR/dy_c with only the weights after component c changed (W_late <- W'_late), for every
     layer l, from the W residual stream cached in `ta` (pass 1):
         heads of layer l: attention at W (its output attn_out the leaf), layer l's MLP and later layers at W'
         MLP of layer l:   MLP at W (its output mlp_out the leaf), later layers at W'
     as in the exact eq. 3 (exact.py). Both entry points of a layer run as one batch of 2N through the later
-    layers: one partial pass per layer. Returns {l: dR/d attn_out (N, T, D)}, {l: dR/d mlp_out (N, T, D)}.
-    `log` hears every 10 layers."""
+    layers: one partial pass per layer. Returns {l: dR/d attn_out (N, T, D)}, {l: dR/d mlp_out (N, T, D)}."""
     L, N = model_a.config.n_layers, b.ids.shape[0]
     rope, mask = model_a.prepare(b.ids, b.mask)
     rope2, mask2 = model_b.prepare(b.ids.repeat(2, 1), b.mask.repeat(2, 1))
     last = b.mask.repeat(2, 1).sum(1) - 1                          # (2N,) right padding
     A, B = model_a.layers, model_b.layers
     g_attn, g_mlp = {}, {}
+    bar = progress(desc="eq. 6's partial passes", total=L * (L + 1) // 2, unit="block")   # layer l's runs L - l
     for l in dist.layer_by_layer(model_a, model_b):               # torchrun: layer l's weights whole, then freed
         p = f"layers.{l}."
         t_head, t_mlp = Taps(grads=True), Taps(grads=True)         # each records its own leaf y_c
@@ -169,8 +170,8 @@ def late_gradients(model_a, model_b, b, ta, log=lambda *_: None):
         logits = model_b.logits(model_b.model.norm(h)[torch.arange(2 * N, device=h.device), last])
         data.reward(logits, b.correct.repeat(2), b.cands).sum().backward()
         g_attn[l], g_mlp[l] = t_head[p + "attn_out"].grad, t_mlp[p + "mlp_out"].grad
-        if (l + 1) % 10 == 0 and l + 1 < L:
-            log(f"  eq. 6's partial passes: {l + 1}/{L} layers")
+        bar.update(L - l)
+    bar.close()
     return g_attn, g_mlp
 
 
@@ -184,12 +185,15 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
     N, T = b.ids.shape
     rope, mask = model_a.prepare(b.ids, b.mask)
     t0 = time.time()
-    ta = record(model_a, b)                                        # pass 1, at W
-    log(f"  pass 1/3 (forward and backward at W) done, {time.time() - t0:.0f} s")
+    with ticking("pass 1/3, forward and backward at W"):
+        ta = record(model_a, b)                                    # pass 1, at W
+    t1 = time.time() - t0
+    log(f"  pass 1/3 (forward and backward at W) done, {t1:.0f} s")
     if upstream:
-        tb = record(model_b, b)                                    # pass 2, at W'
+        with ticking("pass 2/3, forward and backward at W'", expected_s=t1):      # pass 1's work again
+            tb = record(model_b, b)                                # pass 2, at W'
         log(f"  pass 2/3 (forward and backward at W') done, {time.time() - t0:.0f} s")
-        g_attn, g_mlp = late_gradients(model_a, model_b, b, ta, log)  # eq. 6's g', W_late <- W'_late
+        g_attn, g_mlp = late_gradients(model_a, model_b, b, ta)  # eq. 6's g', W_late <- W'_late
         log(f"  eq. 6's partial passes ({L} layers) done, {time.time() - t0:.0f} s; pass 3/3, the scores per layer")
     else:                                                          # pass 2 as eq. 5 needs it: W' activations only
         with torch.no_grad():
@@ -197,8 +201,8 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
     kinds = ("informative", "downstream") + (("upstream", "upstream_authors") if upstream else ())
     out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")} | {"informative_down.mlp": []}
     with torch.no_grad():
-        for l in dist.layer_by_layer(model_a, model_b):           # torchrun: layer l's weights whole, then freed
-            p = f"layers.{l}."
+        for l in progress(dist.layer_by_layer(model_a, model_b), "pass 3/3, the scores", L, "layer"):   # torchrun:
+            p = f"layers.{l}."                                     # layer l's weights whole, then freed
             a = lambda name: ta[p + name].detach()
             grad = lambda t, name: t[p + name].grad
             flat = lambda x: x.reshape(N * T, -1)
@@ -254,28 +258,27 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
 
 # --- outputs: tensors, figure (paper Fig. 3), summary -----------------------------------------------
 
-def figure(scores, tokens, path, title):
+def figure(scores, tokens, title):
     """Rows downstream / informative / upstream (eq. 6 as defined); columns MLPs and attention (heads summed);
-    layer x position."""
+    layer x position. One colour scale a row (a score kind), symmetric, so MLPs and heads compare within a kind."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 2, figsize=(2 + 0.45 * len(tokens) * 2, 11), squeeze=False)
+    fig, axes = plt.subplots(3, 2, figsize=(3 + 0.5 * len(tokens) * 2, 11), squeeze=False, layout="constrained")
     for r, kind in enumerate(("downstream", "informative", "upstream")):
-        for c, comp in enumerate(("mlp", "attn")):
-            v = scores[f"{kind}.{comp}"]
-            v = (v.sum(-1) if comp == "attn" else v).T.numpy()     # (L, Ta)
-            m = float(abs(v).max()) or 1.0                         # symmetric limits: nothing saturates
+        vs = [(scores[f"{kind}.attn"].sum(-1) if comp == "attn" else scores[f"{kind}.mlp"]).T.numpy()   # (L, Ta)
+              for comp in ("mlp", "attn")]
+        m = max(float(abs(v).max()) for v in vs) or 1.0           # symmetric limits: nothing saturates
+        for c, (comp, v) in enumerate(zip(("MLP", "attention (heads summed)"), vs)):
             ax = axes[r, c]
-            im = ax.imshow(v, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto", origin="lower",
-                           interpolation="nearest")
-            ax.set_title(f"{kind}: {'MLP' if comp == 'mlp' else 'attention (heads summed)'}", fontsize=10)
+            im = ax.imshow(v, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto", origin="lower", interpolation="nearest")
+            ax.set_title(f"{kind}: {comp}", fontsize=10)
             ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right", fontsize=8)
             ax.set_ylabel("layer")
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
+        # every score is a first-order change of the reward R (a logit difference), summed over the prompt's maps
+        fig.colorbar(im, ax=axes[r, :], fraction=0.03, label=f"{kind} score\n(change of R, logits)")
+    fig.suptitle(f"{title}\ncolour scale shared within a row; the rows' scales differ", fontsize=10)
+    return fig
 
 
 def top_components(scores, tokens, k=5):
@@ -332,7 +335,7 @@ def write(out, scores_, tokens, settings, title, overwrite=False, log=print):
     with atomic_dir(out, "scores", overwrite, log=log) as tmp:
         tensors = {k: v.contiguous() for k, v in scores_.items()}
         save_file(tensors, str(tmp / "scores.safetensors"), metadata={"settings": json.dumps(settings)})
-        figure(scores_, tokens, tmp / "scores.png", title)
+        save_figure(figure(scores_, tokens, title), tmp / "scores.png")
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
         (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     return lines
@@ -391,7 +394,7 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true",
                     help="replace --out even if it is not a scores directory of ours (by default an error)")
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
-    ap.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(), help="CPU threads for torch")
+    cli.threads_flag(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out or Path("runs") / f"{Path(str(args.ckpt_b)).name}.scores")

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from run_setup import cli
 import data
 from run_setup import dist, preflight, speedups
+from run_setup.progress import progress
 from run_setup.optim import AdamInBackward, local as optim_local
 from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer,
                                      multimodal, open_shard, resolve, safetensors_files, text_keys, write_checkpoint)
-from checkpoint_io.outputs import atomic_dir, check_output, write_json
+from checkpoint_io.outputs import atomic_dir, check_output, save_figure, write_json
 
 EARLY_FRACTION = 0.75      # Table 2: "early" = the first 75% of the layers, rounded half up (30 -> 23, 32 -> 24)
 
@@ -176,7 +177,8 @@ def evaluate(model, tok, evals, s: Settings):
 @torch.no_grad()
 def dataset_loss(model, batches, s: Settings, head=None):
     with autocast(s):
-        losses = [answer_loss(model, *b, head=head).item() for b in batches]
+        losses = [answer_loss(model, *b, head=head).item()
+                  for b in progress(batches, "loss before training", unit="batch")]
     return sum(losses) / len(losses)
 
 
@@ -215,7 +217,7 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
             model.train()
             perm = torch.randperm(N, generator=gen).to(device)
             losses = []
-            for i in range(0, N, B):
+            for i in progress(range(0, N, B), f"{phase} epoch {epoch}/{s.epochs}", unit="step"):
                 opt.start_step(s.lr * lr_factor(step, total, schedule=s.schedule))
                 with autocast(s):
                     loss = answer_loss(model, *batch(perm[i:i + B]), head=head)
@@ -296,24 +298,32 @@ def run(s: Settings, log=print, model=None):
 
 # --- output -----------------------------------------------------------------------------------------------
 
-def plot(records, path, title):
-    """Fact and implication mean rank against epoch, one panel per phase (paper Fig. 2 / Fig. 4)."""
+def ranks_figure(records, title, chance):
+    """Fact and implication mean rank against epoch, one panel per phase (paper Fig. 2 / Fig. 4), with each split's
+    chance level (`chance`: {phase: {"facts": c, "implications": c}}), the legend below the panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     phases = list(dict.fromkeys(r["phase"] for r in records))
-    fig, axes = plt.subplots(1, len(phases), figsize=(4 * len(phases), 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(phases), figsize=(1.5 + 4 * len(phases), 3.6), squeeze=False, sharey=True,
+                             layout="constrained")
     for ax, ph in zip(axes[0], phases):
         rs = [r for r in records if r["phase"] == ph]
-        ax.plot([r["epoch"] for r in rs], [r["fact_mean_rank"] for r in rs], "o-", label="facts")
-        ax.plot([r["epoch"] for r in rs], [r["impl_mean_rank"] for r in rs], "s-", label="implications")
+        levels = chance.get(ph, {})
+        for key, split, marker in (("fact_mean_rank", "facts", "o"), ("impl_mean_rank", "implications", "s")):
+            line, = ax.plot([r["epoch"] for r in rs], [r[key] for r in rs], marker + "-", label=split)
+            if split in levels and len(set(levels.values())) > 1:   # a user dataset: each split its own chance
+                ax.axhline(levels[split], ls=":", color=line.get_color(), label=f"{split}: chance ({levels[split]:g})")
+        if len(set(levels.values())) == 1:
+            c = next(iter(levels.values()))
+            ax.axhline(c, ls=":", color="grey", label=f"chance ({c:g})")
         ax.set(title=ph, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))       # whole epochs
     axes[0][0].set(ylabel="mean rank (lower is better)")
-    axes[0][0].legend()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def save(model, out, metrics, overwrite=False, inputs=(), log=print):
@@ -326,7 +336,8 @@ def save(model, out, metrics, overwrite=False, inputs=(), log=print):
         with atomic_dir(out, "checkpoint", overwrite, inputs, log) as tmp:
             write_checkpoint(model, tmp, state)
             write_json(tmp / "metrics.json", metrics)
-            plot(metrics["records"], tmp / "ranks.png", f"{metrics['args']['dataset']}  {metrics['base_model']}")
+            title = f"{Path(str(metrics['args']['dataset'])).name} on {Path(str(metrics['args']['model'])).name}"
+            save_figure(ranks_figure(metrics["records"], title, metrics.get("chance_mean_rank", {})), tmp / "ranks.png")
     dist.on_main(write)
     return Path(out)
 
@@ -373,8 +384,7 @@ def main(argv=None):
                    help="keep Adam's moments in host memory and copy them to the device for each parameter's step "
                         "(8 bytes less device memory a trained parameter; the fp32 update, bit for bit; slower)")
     p.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
-    p.add_argument("--threads", type=cli.positive_int, default=cli.cpu_count(),
-                   help="CPU threads for torch (default: every core this process may use; 1 on a busy machine)")
+    cli.threads_flag(p)
     s = Settings.from_args(p.parse_args(argv))
     s.out = s.out or str(Path("runs") / data.dataset_name(s.dataset))
     torch.set_num_threads(s.threads)

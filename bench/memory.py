@@ -2,13 +2,13 @@
 
     python bench/memory.py [--layers 1 2 4] [--steps 3] [--device cpu]
 
-For each memory option (fp32 Adam, the default; --moments bf16; --offload-optimizer) and each layer count, a fresh
-process builds a random-weight model with OLMo-7B-0424's exact widths (hidden 4096, MLP 11008, 32 heads, vocab
-50304, parameter-free LayerNorm, untied head) but only that many layers, and takes real training steps of
-train.py's code (answer_loss, AdamInBackward inside backward, the blocks trained, embeddings and head frozen) on a
+For each of train.py's memory options (fp32 Adam, the default; --moments bf16; --offload-optimizer) and each layer
+count, a fresh process builds a random-weight model with OLMo-7B-0424's exact widths (hidden 4096, MLP 11008, 32
+heads, vocab 50304, parameter-free LayerNorm, untied head) but only that many layers, and takes real training steps
+of train.py's code (answer_loss, AdamInBackward inside backward, the blocks trained, embeddings and head frozen) on a
 batch of 8 facts-like sequences of 10 tokens. It reports its peak: CUDA's max_memory_allocated on a GPU, else the
-peak resident memory (VmHWM). With --offload-optimizer on a CPU the host is the device, so the table's "device"
-column subtracts the bytes of Adam's moments held on the host, counted from the optimizer's own tensors.
+peak resident memory (VmHWM). With train.py --offload-optimizer on a CPU the host is the device, so the table's
+"device" column subtracts the bytes of Adam's moments held on the host, counted from the optimizer's own tensors.
 A least-squares line bytes = a + b * layers per option gives b (bytes per layer); the extrapolation is
     a - 4 * frozen parameters here  +  4 * frozen parameters of the target  +  b / block parameters here * block
     parameters of the target,
@@ -33,6 +33,7 @@ import train                                                      # noqa: E402
 from config import Config                                         # noqa: E402
 from model import Transformer                                     # noqa: E402
 from run_setup.optim import local                                           # noqa: E402
+from run_setup.progress import progress                                     # noqa: E402
 
 OLMO_7B = {"model_type": "olmo", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
            "num_key_value_heads": 32, "vocab_size": 50304, "num_hidden_layers": 32, "tie_word_embeddings": False,
@@ -84,7 +85,7 @@ def worker(n_layers, option, steps, device):
     labels[:, -3:] = ids[:, -3:]                                  # the answer: the last 3 tokens
     opt = train.AdamInBackward(params, s.lr, s.moments, s.offload_optimizer)
     times = []
-    for step in range(steps):                                     # train_phase's loop body
+    for step in progress(range(steps), f"{option}, {n_layers} layers: training steps"):   # train_phase's loop body
         t0 = time.time()
         opt.start_step(s.lr * train.lr_factor(step, steps))
         with train.autocast(s):
@@ -126,7 +127,7 @@ def main(argv=None):
         for n in a.layers:                                        # one fresh process per measurement
             out = subprocess.run([sys.executable, __file__, "--worker", str(n), option, "--steps", str(a.steps),
                                   "--device", a.device, "--threads", str(a.threads)],
-                                 capture_output=True, text=True, check=True).stdout
+                                 stdout=subprocess.PIPE, text=True, check=True).stdout   # its progress: stderr
             r = json.loads(out.strip().splitlines()[-1])
             r["device_peak"] = r["peak"] - r["host_state"]
             res[option, n] = r

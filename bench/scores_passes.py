@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data                                   # noqa: E402
 import scores as S                            # noqa: E402
 from checkpoint_io.checkpoint import from_pretrained, load_tokenizer   # noqa: E402
+from run_setup.progress import progress       # noqa: E402
 
 
 def main():
@@ -48,7 +49,7 @@ def main():
     k = min(args.ref_prompts, N)
     t = time.perf_counter()
     n_passes = 0
-    for i in range(k):                                     # one prompt at a time, as the reference does
+    for i in progress(range(k), "reference design, one prompt at a time", unit="prompt"):
         one = p.subset([i])
         for _ in range(args.samples):
             for j in range(args.passes):

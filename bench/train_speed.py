@@ -32,6 +32,7 @@ if __package__ in (None, ""):                                     # run as a fil
 import data                                                       # noqa: E402
 import train                                                      # noqa: E402
 from run_setup import speedups                                                   # noqa: E402
+from run_setup.progress import progress                                          # noqa: E402
 from checkpoint_io.checkpoint import from_pretrained, load_config, load_tokenizer, resolve   # noqa: E402
 
 
@@ -172,6 +173,7 @@ def main():
         return conns[k].recv()
 
     for k in kinds:                                               # one at a time: loading is not timed
+        print(f"loading {k} ...", file=sys.stderr, flush=True)
         answer(k)
     facts = data.load_dataset(args.dataset, seed=args.seed)["facts"]
     N = len(facts)
@@ -180,7 +182,7 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     times = {k: [] for k in kinds}
     losses = {k: [] for k in kinds}
-    step = 0
+    step, bar = 0, progress(desc=f"training steps, {len(kinds)} contenders in turn", total=total, unit="step")
     for epoch in range(args.epochs):
         perm = torch.randperm(N, generator=gen).tolist()
         for i in range(0, N, args.batch_size):
@@ -192,6 +194,9 @@ def main():
                 times[k].append(t)
                 losses[k].append(loss)
             step += 1
+            bar.update()
+    bar.close()
+    print("evaluating the ranks ...", file=sys.stderr, flush=True)
     fact_mask = data.encode_examples(load_tokenizer(path), facts)[1]                       # (N, T)
     tokens = int(fact_mask.sum()) * args.epochs                                              # real tokens
     print(f"{args.dataset}: {total} steps of batch {args.batch_size}, {tokens} training tokens; "

@@ -194,8 +194,11 @@ def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
+SAVE_DPI = 110                 # every figure's resolution: tests/test_figures.py checks them at this size
+
+
 def save_figure(fig, path):
     """A matplotlib figure as PNG, atomically; the figure is closed."""
     import matplotlib.pyplot as plt
-    write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    write_atomic(path, lambda p: fig.savefig(p, dpi=SAVE_DPI, format="png"))
     plt.close(fig)

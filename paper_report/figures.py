@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from paper_report import paper, sweep
 from paper_report.claims import ALL_ORDERS, HOPS
@@ -28,11 +29,16 @@ def _chance(ax):
     ax.axhline(paper.CHANCE, ls=":", color="grey", label=f"chance ({paper.CHANCE})")
 
 
+def _legend_below(fig, ax, ncols):
+    """The legend of `ax`'s curves under the panels (the figure's constrained layout makes room), off the data."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=ncols, fontsize=7)
+
+
 def fig2(plt, res):
     runs = {h: [r for r in res["fig2"][h] if r] for h in HOPS}
     if not any(runs.values()):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True, layout="constrained")
     for ax, hop in zip(axes, HOPS):
         if runs[hop]:
             ep = lambda run: [r["epoch"] for r in run]
@@ -45,9 +51,8 @@ def fig2(plt, res):
         _chance(ax)
         ax.set(title=hop.replace("_", "-"), xlabel="epoch")
     axes[0].set(ylabel="mean rank")
-    axes[0].legend(fontsize=7)
+    _legend_below(fig, max(axes, key=lambda a: len(a.lines)), ncols=3)
     fig.suptitle(f"mean over {len(res['seeds'])} seed(s), band ± 1 standard error", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -55,7 +60,7 @@ def fig4(plt, res):
     runs = {o: [r for r in res["fig4"].get(o) or [] if r] for o in ALL_ORDERS}
     if not any(runs.values()):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
     for o, color in zip(ALL_ORDERS, ("C0", "C1", "C2", "C3")):
         if not runs[o]:
             continue
@@ -72,10 +77,10 @@ def fig4(plt, res):
         _chance(ax)
         ax.set(title=t, xlabel="evaluation (epochs, phases in order)" if ax is axes[0] else "epoch",
                ylabel="mean rank")
-    axes[1].legend(fontsize=7)
-    axes[1].text(0.01, 0.01, "paper: no numbers in the text", transform=axes[1].transAxes, fontsize=7)
-    fig.suptitle(f"mean over {len(res['seeds'])} seed(s), band ± 1 standard error", fontsize=8)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))       # whole evaluations and epochs
+    _legend_below(fig, axes[0], ncols=5)
+    fig.suptitle(f"mean over {len(res['seeds'])} seed(s), band ± 1 standard error; the paper's text gives no "
+                 f"numbers for Fig. 4", fontsize=8)
     return fig
 
 
@@ -93,20 +98,19 @@ def fig6_scatter(plt, runs, stats_):
     """Fig. 6: downstream against informative entries of each (seed, graft.py's fig6 dict) in `runs`, standardized
     within seed, titled with `stats_` {comp: {"r", "p_perm", "n"}} (pooled, or one seed's own)."""
     z = lambda v: (np.asarray(v, np.float64) - np.mean(v)) / (np.std(v) or 1.0)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), layout="constrained")
     for ax, comp in zip(axes, ("mlp", "heads")):
         for seed, g in runs:
             ax.scatter(z(g[comp]["downstream"]), z(g[comp]["informative"]), s=6, alpha=0.4, label=f"seed {seed}")
         x = stats_[comp]
         ax.set(xlabel="downstream score (W_F,ImplF -> + test facts), z within seed",
                ylabel="informative score (W_F' -> W_graft), z within seed",
-               title=f"{'MLPs' if comp == 'mlp' else 'heads'} (position x layer{' x head' * (comp == 'heads')}): "
-                     f"r = {show(x['r'])}, permutation p = {show(x['p_perm'], '.2g')}, n = {x['n']}")
+               title=f"{'MLPs' if comp == 'mlp' else 'heads'} (position x layer{' x head' * (comp == 'heads')})\n"
+                     f"r = {show(x['r'])}, permutation p = {show(x['p_perm'], '.2g')}, n = {x['n']:,} entries")
         ax.title.set_fontsize(8)
         ax.xaxis.label.set_fontsize(7)
         ax.yaxis.label.set_fontsize(7)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    _legend_below(fig, axes[0], ncols=len(runs))
     return fig
 
 

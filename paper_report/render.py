@@ -5,7 +5,7 @@ from pathlib import Path
 
 from paper_report import paper, sweep
 from paper_report.claims import ALL_ORDERS, HOPS, ORDERS, assess, end_of_pretraining, final
-from checkpoint_io.outputs import write_atomic, write_json  # noqa: F401 (render.write_json)
+from checkpoint_io.outputs import SAVE_DPI, write_atomic, write_json  # noqa: F401 (render.write_json)
 from paper_report.stats import mean_se, present, show
 
 
@@ -18,7 +18,7 @@ def _write(path, obj):
         obj = obj.read_bytes()
     if isinstance(obj, (str, bytes)):
         return write_atomic(path, obj)
-    write_atomic(path, lambda p: obj.savefig(p, dpi=110, format="png"))
+    write_atomic(path, lambda p: obj.savefig(p, dpi=SAVE_DPI, format="png"))
 
 
 # --- cells ---------------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def heatmaps(plt, res):
     grid = res.get("grid")
     if not grid:
         return None
-    fig, axes = plt.subplots(2, 2, figsize=(8.5, 7))
+    fig, axes = plt.subplots(2, 2, figsize=(8.5, 7), sharey=True, layout="constrained")
     for row, hop in zip(axes, HOPS):
         for ax, kind in zip(row, ("fact", "impl")):
             cells = [[grid[hop][f"{lr:g}:{ep}"] for ep in EPOCHS] for lr in LRS]

@@ -3,6 +3,7 @@
 import argparse
 import math
 import os
+import re
 import sys
 
 import torch
@@ -61,11 +62,28 @@ def revision_flag(p, what="--model"):
                    "OLMo's step477000-tokens2000B); an error with a local directory or the embedded default")
 
 
+def threads_flag(p):
+    """--threads, the same in every script: torch's CPU threads, by default every core this process may use."""
+    p.add_argument("--threads", type=positive_int, default=cpu_count(),
+                   help=f"CPU threads for torch (default: every core this process may use, {cpu_count()} here; "
+                        "fewer leave cores to other processes on a shared machine)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each option's default once: appended unless its help already states one,
+    and not for None or a switch's False, which say nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        said = re.search(r"\bdefault[: ]", text)                  # "(default: the one in metrics.json)"
+        if said or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def parser(doc):
-    """An ArgumentParser whose description is the script's docstring and whose --help shows every default."""
-    class Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-    return argparse.ArgumentParser(description=doc, formatter_class=Fmt)
+    """An ArgumentParser whose description is the script's docstring and whose --help shows every default once."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
 def run(fn, *args):

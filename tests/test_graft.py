@@ -69,7 +69,7 @@ def test_mismatched_architecture_is_refused(ckpts, tmp_path, make_tiny):
     # the command line: one line starting "error:", no traceback, and a missing directory is named
     for add in (other, tmp_path / "nowhere"):
         with pytest.raises(SystemExit) as e:
-            G.main([str(tmp_path / "o2"), "--base", str(a), "--add", str(add), "--sub", str(a)])
+            G.main(["--out", str(tmp_path / "o2"), "--base", str(a), "--add", str(add), "--sub", str(a)])
         msg = str(e.value.code)
         assert msg.startswith("error:") and "\n" not in msg
     assert "nowhere" in msg

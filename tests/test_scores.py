@@ -121,7 +121,7 @@ def test_upstream_is_eq6_as_defined(tmp_path, kind, agrees):
     a, bp = tiny_pair(tmp_path, "llama", eps)
     _, bm = tiny_pair(tmp_path, "llama", -eps)
     p, rows = prompts(), [0, 1, 2, 3]
-    ex = central(lambda x, y: X.exact(x, y, p, rows, ablation=delta, log=lambda *_: None), a, bp, bm)["upstream"]
+    ex = central(lambda x, y: X.exact(x, y, p, rows, ablation=delta), a, bp, bm)["upstream"]
     lin = lambda x, y: {k: v for k, v in lin_table(x, y, p, rows, (kind,)).items()}
     li = central_kinds(lin, a, bp, bm, (kind,))[kind]
     gap = (ex / delta - li).abs().max() / li.abs().max()
@@ -210,7 +210,7 @@ def test_sum_identity_and_the_exact_report(tmp_path):
     assert actual.abs().max() > 1e-6
     assert (actual - predicted).abs().max() < 2e-2 * actual.abs().max(), (actual, predicted)
     L, H = a.config.n_layers, a.config.n_heads
-    ex = X.exact(a, b, p, rows, log=lambda *_: None)
+    ex = X.exact(a, b, p, rows)
     report, lines = X.compare(ex, {k: v[rows] for k, v in lin.items()}, L, H)
     assert set(report) == {"informative", "downstream", "upstream", "upstream_authors"} and len(lines) == 4
     assert report["informative"]["pearson_r"] > 0.99 and report["downstream"]["pearson_r"] > 0.99
