@@ -63,11 +63,50 @@ def upcast(x):
     return x if x.dtype == torch.float64 else x.float()
 
 
-def matmul_dtype(x):
-    """x in autocast's dtype if autocast is on: a sublayer's input, cast once rather than in each projection."""
+def matmul_dtype(x, proj):
+    """x in the dtype of `proj`'s matmul (its bf16 copy's, or autocast's if on): a sublayer's input, cast once
+    rather than in each of its projections."""
+    if proj.lowp is not None:
+        return x.to(proj.lowp.dtype)
     if torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
+
+
+class LowpMatmul(torch.autograd.Function):
+    """y = x W^T + b from a low-precision copy of W (and b), whose gradient goes to the fp32 master W: the forward
+    and both backward matmuls read the copy, so no weight is cast per matmul (run_setup/precision.py keeps the
+    copy fresh). The weight gradient is computed in the copy's dtype, as autocast's is, and cast to fp32 once."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lowp, lowp_bias):
+        x = x.to(lowp.dtype)
+        ctx.save_for_backward(x, lowp)
+        ctx.has_bias = bias is not None
+        return F.linear(x, lowp, lowp_bias)                       # (..., O) in the copy's dtype
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors                                  # (..., I), (O, I)
+        g = g.to(w.dtype)                                         # (..., O)
+        gx = g @ w if ctx.needs_input_grad[0] else None           # (..., I)
+        gw = gb = None
+        if ctx.needs_input_grad[1]:
+            gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).float()   # (O, I) for the master
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.reshape(-1, g.shape[-1]).float().sum(0)        # (O,) summed in fp32
+        return gx, gw, gb, None, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and keys) whose matmul reads `lowp`, a bf16 copy of its weight, when one is
+    set (run_setup/precision.py); otherwise exactly nn.Linear."""
+    lowp = lowp_bias = None
+
+    def forward(self, x):
+        if self.lowp is None:
+            return super().forward(x)
+        return LowpMatmul.apply(x, self.weight, self.bias, self.lowp, self.lowp_bias)
 
 
 class Norm(nn.Module):
@@ -124,10 +163,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, K, E, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
-        self.q_proj = nn.Linear(D, H * E, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, K * E, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, K * E, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * E, D, bias=cfg.o_bias)
+        self.q_proj = Linear(D, H * E, bias=cfg.qkv_bias)
+        self.k_proj = Linear(D, K * E, bias=cfg.qkv_bias)
+        self.v_proj = Linear(D, K * E, bias=cfg.qkv_bias)
+        self.o_proj = Linear(H * E, D, bias=cfg.o_bias)
         if cfg.qk_norm == "all_heads":                            # OLMo 2: over all heads at once
             self.q_norm = Norm(H * E, "rms", cfg.norm_eps)
             self.k_norm = Norm(K * E, "rms", cfg.norm_eps)
@@ -163,9 +202,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.act = F.silu if cfg.activation == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x, taps, pre):
         gate = _tap(taps, pre + "gate", self.gate_proj(x))        # (B, T, F)
@@ -197,7 +236,7 @@ class Block(nn.Module):
         Transformer.prepare returns it (this layer picks its own table)."""
         pre, cfg = f"layers.{self.i}.", self.cfg
         x = resid if cfg.post_norms else self.input_layernorm(resid)
-        x = _tap(taps, pre + "attn_in", matmul_dtype(x))
+        x = _tap(taps, pre + "attn_in", matmul_dtype(x, self.self_attn.q_proj))
         out = self.self_attn(x, rope[self.rope_key], mask, self.window, taps, pre)
         out = _tap(taps, pre + "attn_out", out)
         if cfg.post_norms or cfg.sandwich_norms:
@@ -213,7 +252,7 @@ class Block(nn.Module):
             x = self.pre_feedforward_layernorm(resid)
         else:
             x = self.post_attention_layernorm(resid)
-        x = _tap(taps, pre + "mlp_in", matmul_dtype(x))
+        x = _tap(taps, pre + "mlp_in", matmul_dtype(x, self.mlp.gate_proj))
         out = _tap(taps, pre + "mlp_out", self.mlp(x, taps, pre))
         if cfg.post_norms or cfg.sandwich_norms:
             out = self.post_feedforward_layernorm(out)
@@ -242,7 +281,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Body(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.source = None             # the checkpoint directory, set by checkpoint.from_pretrained
 
     @property

@@ -45,6 +45,7 @@ from run_setup import cli
 import data
 from run_setup import dist
 from run_setup.progress import estimate
+from run_setup.precision import cpu_isa, cpu_name
 import exact
 import graft
 from paper_report import preconditions
@@ -267,23 +268,12 @@ def run_list(seed, w, todo):
 
 # --- the results: collect, claims and verdicts, REPORT.md (render), figures: all in paper_report/ ----------
 
-def cpu_name():
-    """The processor's model name (Linux: /proc/cpuinfo; elsewhere platform.processor()): the last digits of a
-    training run depend on it and on the thread count, so the report names both."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def write_report(model, seeds, work, out, overwrite=False, revision=None):
     res = collect(model, seeds, work)
     res["revision"] = revision
     res["cpus"] = os.cpu_count()
-    res["machine"] = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, torch {torch.__version__}"
+    res["machine"] = (f"{cpu_name()} ({platform.machine()}; bf16 matrix instructions: {cpu_isa()}), "
+                      f"{os.cpu_count()} CPUs, torch {torch.__version__}")
     with atomic_dir(out, "report", overwrite, log=log) as tmp:      # REPORT.md, figures, results.json at once
         figs = make_figures(res, tmp)
         write_json(tmp / "results.json", res)

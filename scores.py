@@ -41,7 +41,7 @@ from checkpoint_io.checkpoint import UserError, check_same_base, load_tokenizer,
 from run_setup.optim import local as optim_local
 from checkpoint_io.outputs import atomic_dir, check_output, save_figure
 from fused_kernels.grad_delta import grad_delta
-from model import Taps
+from model import Taps, upcast
 
 MLP_MAPS = ("gate_proj", "up_proj", "down_proj")
 
@@ -203,8 +203,8 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
     with torch.no_grad():
         for l in progress(dist.layer_by_layer(model_a, model_b), "pass 3/3, the scores", L, "layer"):   # torchrun:
             p = f"layers.{l}."                                     # layer l's weights whole, then freed
-            a = lambda name: ta[p + name].detach()
-            grad = lambda t, name: t[p + name].grad
+            a = lambda name: upcast(ta[p + name].detach())          # fp32 at least: bf16 passes' activations
+            grad = lambda t, name: upcast(t[p + name].grad)
             flat = lambda x: x.reshape(N * T, -1)
             delta = lambda name: weight_delta(model_a, model_b, l, name)
 
@@ -238,8 +238,8 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
             # a head's write is W_o[:, h] z_h, so g . W_o[:, h] dz_h = (dR/dz)_h . dz_h: the gradient at z
             per_head = lambda u, v: (u * v).view(N, T, H, E).sum(-1)
             gz = grad(ta, "z")                                     # (N, T, H*E) = g_attn_out W_o
-            down_h = per_head(gz, tc[p + "z"] - a("z"))            # eq. 5/8
-            down_m = (grad(ta, "mlp_out") * (tc[p + "mlp_out"] - a("mlp_out"))).sum(-1)
+            down_h = per_head(gz, upcast(tc[p + "z"]) - a("z"))    # eq. 5/8
+            down_m = (grad(ta, "mlp_out") * (upcast(tc[p + "mlp_out"]) - a("mlp_out"))).sum(-1)
             got = {"informative.mlp": inf_m, "informative.attn": inf_h, "downstream.mlp": down_m,
                    "downstream.attn": down_h, "informative_down.mlp": inf_down}
             if upstream:
@@ -247,8 +247,8 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
                 dz = a("z") - aligned_mean_of_others(a("z"), b.pos, b.Ta)
                 dy = a("mlp_out") - aligned_mean_of_others(a("mlp_out"), b.pos, b.Ta)
                 Wo = block.self_attn.o_proj.weight
-                got["upstream.attn"] = per_head((g_attn[l] - grad(ta, "attn_out")) @ Wo, dz)  # W_late <- W'_late
-                got["upstream.mlp"] = ((g_mlp[l] - grad(ta, "mlp_out")) * dy).sum(-1)
+                got["upstream.attn"] = per_head((upcast(g_attn[l]) - grad(ta, "attn_out")) @ Wo, dz)  # W'_late
+                got["upstream.mlp"] = ((upcast(g_mlp[l]) - grad(ta, "mlp_out")) * dy).sum(-1)
                 got["upstream_authors.attn"] = per_head((grad(tb, "attn_out") - grad(ta, "attn_out")) @ Wo, dz)
                 got["upstream_authors.mlp"] = ((grad(tb, "mlp_out") - grad(ta, "mlp_out")) * dy).sum(-1)  # all W'
             for key, v in got.items():

@@ -7,8 +7,9 @@
 Adam (0.9, 0.999, eps 1e-8, no weight decay), batch 8, 8 epochs, 10% warmup then linear decay, cross-entropy on
 the answer tokens only. By default only the transformer blocks train (attention and MLP projections and their
 norms); token embeddings, the final norm and the output head stay frozen, as in the paper's OLMo runs, so a new
-fact has to live in the components the scores measure. Master weights are fp32; `--dtype bfloat16` runs the
-matmuls in bf16 (autocast, and a bf16 copy of the frozen output head) with logits, loss and ranks in fp32.
+fact has to live in the components the scores measure. Master weights are fp32; `--dtype bfloat16` runs the matmuls
+in bf16 from bf16 weight copies refreshed once per step (run_setup/precision.py), with norms, softmax, logits and
+loss in fp32.
 """
 import math
 import time
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 
 from run_setup import cli
 import data
-from run_setup import dist, preflight, speedups
+from run_setup import dist, precision, preflight, speedups
 from run_setup.progress import progress
-from run_setup.optim import AdamInBackward, local as optim_local
+from run_setup.optim import AdamInBackward, all_finite, local as optim_local
 from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, from_pretrained, load_config, load_tokenizer,
                                      multimodal, open_shard, resolve, safetensors_files, text_keys, write_checkpoint)
 from checkpoint_io.outputs import atomic_dir, check_output, save_figure, write_json
@@ -134,7 +135,7 @@ class Settings:
     order: str | None = None           # daxwug: facts_first / impl_first / joint (Fig. 4), facts_first_replay
     eval: str = "epochs"               # "epochs": ranks before and after every epoch; "final": after the last only
     train_all: bool = False
-    dtype: str = "float32"
+    dtype: str | None = None           # "float32" / "bfloat16" matmuls; None: precision.default_dtype
     moments: str = "fp32"              # Adam's m and v: fp32, or bf16 beside the fp32 master weights (optim)
     offload_optimizer: bool = False    # Adam's m and v in host memory, the step on the device (run_setup/optim.py)
     device: str = "cpu"
@@ -147,9 +148,9 @@ class Settings:
         return Settings(**{f.name: getattr(ns, f.name) for f in fields(Settings)})
 
 
-def autocast(s: Settings):
-    """The one dtype policy: bf16 matmuls under autocast when asked; weights stay fp32."""
-    return torch.autocast(torch.device(s.device).type, dtype=torch.bfloat16, enabled=s.dtype == "bfloat16")
+def autocast(s: Settings, model):
+    """bf16 matmuls of a model sharded by FSDP2, under autocast; otherwise off: precision.matmuls' bf16 copies."""
+    return precision.autocast(model, s.dtype)
 
 
 # The learning-rate schedules, by name: the paper's text says warmup and linear decay (Sec. 5.1); the authors'
@@ -170,30 +171,30 @@ def lr_factor(step, total, warmup_frac=0.1, schedule="warmup_linear"):
 
 def evaluate(model, tok, evals, s: Settings):
     model.eval()
-    with autocast(s):
+    with precision.matmuls(model, s.dtype), autocast(s, model):
         return {k: data.mean_rank(model, tok, ex, s.eval_batch_size) for k, ex in evals.items()}
 
 
 @torch.no_grad()
 def dataset_loss(model, batches, s: Settings, head=None):
-    with autocast(s):
+    with autocast(s, model):
         losses = [answer_loss(model, *b, head=head).item()
                   for b in progress(batches, "loss before training", unit="batch")]
     return sum(losses) / len(losses)
 
 
-def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
+def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, copies=None):
     """One phase: fresh Adam and schedule over `examples`, evaluating `evals` before and after every epoch (or,
     with s.eval == "final", after the last epoch only: the grid reports nothing else, and the 40-prompt evaluation
     costs about as much as an epoch's training). Returns the records {"phase", "epoch", "loss", "fact_mean_rank",
-    "impl_mean_rank"}."""
+    "impl_mean_rank"}. `copies`: precision.matmuls' bf16 weight copies, refreshed after each update."""
     device = next(model.parameters()).device
     ids, mask, labels = (t.to(device) for t in data.encode_examples(tok, examples))   # (N, T) each
     N, B = len(examples), s.batch_size
     steps_per_epoch = math.ceil(N / B)
     total = s.epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(s.seed)                  # reshuffled every epoch, reproducibly
-    head = bf16_head(model, s.dtype)
+    head = copies.head if copies else bf16_head(model, s.dtype)
 
     def batch(rows):
         T = int(mask[rows].sum(1).max())                          # trim padding to the batch's longest
@@ -211,7 +212,8 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
     # epoch 0: the loss of the untrained model on the whole training set
     records = [record(0, dataset_loss(model, [batch(torch.arange(i, min(i + B, N), device=device))
                                               for i in range(0, N, B)], s, head), t0)] if s.eval == "epochs" else []
-    opt, step = AdamInBackward(params, s.lr, s.moments, s.offload_optimizer), 0   # a fresh Adam every phase
+    opt, step = AdamInBackward(params, s.lr, s.moments, s.offload_optimizer,       # a fresh Adam every phase,
+                               copies and copies.refresh), 0                       # refreshing the bf16 copies
     try:
         for epoch in range(1, s.epochs + 1):
             model.train()
@@ -219,7 +221,7 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
             losses = []
             for i in progress(range(0, N, B), f"{phase} epoch {epoch}/{s.epochs}", unit="step"):
                 opt.start_step(s.lr * lr_factor(step, total, schedule=s.schedule))
-                with autocast(s):
+                with autocast(s, model):
                     loss = answer_loss(model, *batch(perm[i:i + B]), head=head)
                 loss.backward()                                   # Adam updates every parameter in here
                 step += 1
@@ -227,7 +229,7 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log):
                 if not math.isfinite(losses[-1]):
                     raise UserError(f"training diverged: the loss is {losses[-1]} at {phase} epoch {epoch} "
                                     f"(lr {s.lr:g}); nothing was written: try a smaller --lr")
-            if not all(bool(torch.isfinite(p).all()) for p in params):        # once an epoch: one pass over them
+            if not all_finite(params):                            # once an epoch: one fused pass over them
                 raise UserError(f"training diverged: the weights are not finite after {phase} epoch {epoch} "
                                 f"(lr {s.lr:g}); nothing was written: try a smaller --lr")
             if s.eval == "epochs" or epoch == s.epochs:                  # loss: the mean over the epoch's batches
@@ -244,6 +246,7 @@ def finetune(model, tok, phases, s: Settings, log=print):
     everything, train_all) minus the layers frozen "pre"; layers frozen "post" are reset to the base
     (model.source) at the end. Returns (records, facts about the run for metrics.json)."""
     n_params = sum(p.numel() for p in model.parameters())
+    s.dtype = s.dtype or precision.default_dtype(s.device)       # fp32 unless bf16's checks held
     frozen = split_layers(model.config.n_layers, s.freeze) if s.freeze else []
     names = set(trainable_names(model, s.train_all, frozen if s.freeze_when == "pre" else ()))
     params = []
@@ -254,8 +257,9 @@ def finetune(model, tok, phases, s: Settings, log=print):
     log(f"{s.model}: {n_params / 1e6:.0f}M parameters, {sum(p.numel() for p in params) / 1e6:.0f}M train; "
         f"lr {s.lr:g}; frozen layers {frozen or 'none'} ({s.freeze_when if frozen else '-'})")
     records = []
-    for name, examples, evals in phases:
-        records += train_phase(model, tok, examples, evals, params, s, name, log)
+    with precision.matmuls(model, s.dtype) as copies:             # bf16: weight copies, cast once for all phases
+        for name, examples, evals in phases:
+            records += train_phase(model, tok, examples, evals, params, s, name, log, copies)
     if frozen and s.freeze_when == "post":
         reset_layers(model, frozen)                               # Table 2 "post": back to W on frozen layers
         ranks = evaluate(model, tok, phases[-1][2], s)
@@ -267,7 +271,8 @@ def finetune(model, tok, phases, s: Settings, log=print):
         p.requires_grad_(False)
     local = sum(optim_local(p).numel() for p in params)           # under FSDP2: this rank's shards
     return records, {"n_params": n_params, "n_trainable": sum(p.numel() for p in params),
-                     "n_trainable_this_rank": local, "frozen_layers": frozen}
+                     "n_trainable_this_rank": local, "frozen_layers": frozen,
+                     "precision": precision.describe(s.device, s.dtype)}
 
 
 def run(s: Settings, log=print, model=None):
@@ -374,9 +379,9 @@ def main(argv=None):
                    help="when the ranks are evaluated: before and after every epoch, or after the last one only")
     p.add_argument("--train-all", action="store_true",
                    help="also train token embeddings, final norm and output head (default: blocks only)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="matmul precision; weights, Adam state, logits, loss and ranks stay fp32 (bf16: the frozen "
-                        "head's training matmul reads a bf16 copy)")
+    p.add_argument("--dtype", choices=precision.DTYPES, default=None,
+                   help="matmul precision (default float32: bf16's rank and score checks failed, "
+                        "run_setup/precision.py); weights, Adam state, norms, softmax, logits and loss stay fp32")
     p.add_argument("--moments", choices=["fp32", "bf16"], default="fp32",
                    help="Adam's moments: fp32, or bf16 beside fp32 master weights (4 bytes less a trained parameter; "
                         "the update rounds m and v to bf16)")

@@ -6,15 +6,22 @@ peak memory is its own; the workers take their training steps in lock-step, in r
 from other processes on a shared machine falls on all of them alike.
 
     python bench/train_speed.py [--dataset first_hop] [--epochs 8] [--hf-fused-adam] [--hf-keep-freed]
+    python bench/train_speed.py --whole [--rounds 3]     # whole processes: `python train.py` against transformers
 
-Contenders: ours in fp32, and ours with bf16 matmuls (fp32 master weights; a bf16 copy of the frozen output
-head), both with train.py's Adam inside backward (train.AdamInBackward); transformers in fp32 with the Adam a
-plain `torch.optim.Adam(params, lr)` gives, stepped after backward (`--hf-fused-adam`: the fused kernel too), and
-glibc's default malloc (`--hf-keep-freed`: train.py's setting too).
+Contenders: ours in fp32, and ours with bf16 matmuls (fp32 master weights; bf16 weight copies refreshed after each
+update, run_setup/precision.py), both with train.py's Adam inside backward (train.AdamInBackward); transformers in
+fp32 and under bf16 autocast, with the Adam a plain `torch.optim.Adam(params, lr)` gives, stepped after backward
+(`--hf-fused-adam`: the fused kernel too), and glibc's default malloc (`--hf-keep-freed`: train.py's setting too).
+Every run first prints the CPU and its bf16 matrix instructions (AMX, AVX512-BF16 or neither).
 Every contender owns its weights in memory before the clock starts, and builds its optimizer inside the first
 timed step.
 Prints the throughput ratio, both final ranks and peak memories, and this CPU's fp32 and bf16 matmul rates (what
 bf16 can gain on the matmuls at most).
+
+--whole times whole processes as a user runs them, start to exit: `python train.py --dataset first_hop`
+(--dtype float32, its default, and bfloat16) against the same job written with `transformers` (hf_job: load the same
+converted safetensors, train the blocks with torch.optim.Adam and the same schedule and batches, ranks before and
+after every epoch, save_pretrained), in fp32 and under bf16 autocast; rounds in rotating order, medians and ratios.
 """
 import argparse
 import math
@@ -31,7 +38,7 @@ if __package__ in (None, ""):                                     # run as a fil
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data                                                       # noqa: E402
 import train                                                      # noqa: E402
-from run_setup import speedups                                                   # noqa: E402
+from run_setup import precision, speedups                                        # noqa: E402
 from run_setup.progress import progress                                          # noqa: E402
 from checkpoint_io.checkpoint import from_pretrained, load_config, load_tokenizer, resolve   # noqa: E402
 
@@ -61,13 +68,14 @@ def matmul_rates(threads, shapes):
 def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
     """Load one contender, then serve ("step", rows, lr) / ("eval",) / ("mem",) requests until ("stop",)."""
     torch.set_num_threads(threads)
-    if kind != "transformers" or hf_keep:
+    hf = kind.startswith("transformers")
+    if not hf or hf_keep:
         speedups.keep_freed_memory()                              # as train.py does on CPU
     torch.manual_seed(seed)
     tok = load_tokenizer(path)
     ds = data.load_dataset(ds_name, seed=seed)
     ids, mask, labels = data.encode_examples(tok, ds["facts"])    # (N, T) each
-    if kind == "transformers":
+    if hf:
         import transformers
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     else:
@@ -75,23 +83,24 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("model.layers."))        # the same trainable set: the blocks
     params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "transformers":
+    if hf:
         # transformers maps the safetensors file; ours copies it while loading. Copy here too (untimed), or the
         # first optimizer step pays copy-on-write faults on every trained weight: a loading cost, not training.
         with torch.no_grad():
             for p in params:
                 p.data = p.data.clone()
     rss_loaded = rss_mib()                                        # before any optimizer state
-    bf16 = kind == "ours-bf16"
+    bf16 = kind in ("ours-bf16", "transformers-bf16")
+    copies = precision.Copies(model) if kind == "ours-bf16" else None   # as train.py: bf16 weight copies
 
     def make_optimizer():                                         # inside the first timed step: its state is
-        if kind == "transformers":                                # allocated there (transformers' Adam: lazily)
+        if hf:                                                    # allocated there (transformers' Adam: lazily)
             return torch.optim.Adam(params, lr=lr, fused=True if hf_fused else None)
-        return train.AdamInBackward(params, lr)                   # as train.py: fused Adam inside backward()
+        return train.AdamInBackward(params, lr, after_step=copies and copies.refresh)   # as train.py
 
     opt = None
-    head = train.bf16_head(model, "bfloat16") if bf16 else None   # as train.py
-    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    head = copies and copies.head                                 # as train.py
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "transformers-bf16")
     conn.send(("ready", rss_loaded))
     while True:
         msg = conn.recv()
@@ -104,7 +113,7 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
             if opt is None:
                 opt = make_optimizer()
             model.train()
-            if kind == "transformers":
+            if hf:
                 for g in opt.param_groups:
                     g["lr"] = step_lr
                 loss = model(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss   # head at every position
@@ -122,11 +131,11 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
             out = {}
             for split in ("facts", "implications"):
                 ex = ds[split]
-                if kind == "transformers":
+                if hf:
                     _, cands, correct = data.candidates(tok, ex)
                     pids, pmask = data.encode_prompts(tok, [e.prompt for e in ex])
-                    with torch.no_grad():
-                        logits = model(input_ids=pids, attention_mask=pmask).logits          # (N, T, V)
+                    with torch.no_grad(), amp():
+                        logits = model(input_ids=pids, attention_mask=pmask).logits.float()  # (N, T, V)
                     last = logits[torch.arange(len(ex)), pmask.sum(1) - 1]                   # (N, V)
                     out[split] = data.ranks_from_logits(last, correct, cands).mean().item()
                 else:
@@ -137,6 +146,92 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
             conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_loaded))
         else:
             return
+
+
+def hf_job(path, dataset, amp, out, epochs=8, batch_size=8, lr=3e-4, seed=0):
+    """train.py's default job written with `transformers` as its users would: AutoModelForCausalLM in fp32 (its
+    matmuls under bf16 autocast with `amp`), the blocks trained by torch.optim.Adam with train.py's schedule and
+    shuffling, the loss over every position (labels -100 but on the answer), the ranks of the facts and the
+    implications before and after every epoch, then save_pretrained."""
+    import transformers
+    t0 = time.time()
+    tok = load_tokenizer(path)
+    ds = data.load_dataset(dataset, seed=seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    params = [p for n, p in model.named_parameters() if n.startswith("model.layers.")]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("model.layers."))
+    ids, mask, labels = data.encode_examples(tok, ds["facts"])    # (N, T) each
+    N = len(ids)
+    total = epochs * math.ceil(N / batch_size)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: train.lr_factor(step, total))
+    gen = torch.Generator().manual_seed(seed)
+    amp_ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+
+    def ranks():
+        model.eval()
+        out = []
+        for split in ("facts", "implications"):
+            ex = ds[split]
+            _, cands, correct = data.candidates(tok, ex)
+            pids, pmask = data.encode_prompts(tok, [e.prompt for e in ex])
+            with torch.no_grad(), amp_ctx():
+                logits = model(input_ids=pids, attention_mask=pmask).logits.float()     # (N, T, V)
+            last = logits[torch.arange(len(ex)), pmask.sum(1) - 1]                         # (N, V)
+            out.append(data.ranks_from_logits(last, correct, cands).mean().item())
+        return out
+
+    r = ranks()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(N, generator=gen)
+        for i in range(0, N, batch_size):
+            rows = perm[i:i + batch_size]
+            T = int(mask[rows].sum(1).max())
+            with amp_ctx():
+                loss = model(input_ids=ids[rows, :T], attention_mask=mask[rows, :T], labels=labels[rows, :T]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        r = ranks()
+    model.save_pretrained(out)
+    print(f"hf_job final fact / impl rank {r[0]:.2f} / {r[1]:.2f}; {time.time() - t0:.1f} s")
+
+
+def whole(args):
+    """Whole processes, start to exit, in rounds of rotating order: ours (fp32 and bf16) against
+    hf_job in fp32 and bf16 autocast. Prints each contender's median wall time and the ratios."""
+    import subprocess
+    import tempfile
+    py, root = sys.executable, Path(__file__).resolve().parent.parent
+    threads = ["--threads", str(args.threads)]
+    out = Path(tempfile.mkdtemp(prefix="train_speed_"))
+    kinds = {"ours bf16": [py, "train.py", "--dataset", args.dataset, "--dtype", "bfloat16", "--overwrite", *threads],
+             "ours fp32": [py, "train.py", "--dataset", args.dataset, "--dtype", "float32", "--overwrite", *threads],
+             "transformers fp32": [py, "bench/train_speed.py", "--hf-job", "fp32", "--dataset", args.dataset,
+                                   *threads],
+             "transformers bf16": [py, "bench/train_speed.py", "--hf-job", "bf16", "--dataset", args.dataset,
+                                   *threads]}
+    times = {k: [] for k in kinds}
+    names = list(kinds)
+    for r in range(args.rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            res = subprocess.run(kinds[k] + ["--out", str(out / k.replace(" ", "_"))], cwd=root,
+                                 capture_output=True, text=True)
+            times[k].append(time.perf_counter() - t0)
+            if res.returncode:
+                sys.exit(f"error: {k} failed:\n{res.stderr[-2000:]}")
+            last = [line for line in res.stdout.splitlines() if "rank" in line][-1:]
+            print(f"round {r} {k:>18} {times[k][-1]:6.1f} s  {last[0].strip() if last else ''}", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in kinds:
+        print(f"{k:>18}: median {med[k]:6.1f} s (runs {', '.join(f'{t:.1f}' for t in times[k])})")
+    for k in ("ours bf16", "ours fp32"):
+        print(f"{k} against transformers: {med['transformers fp32'] / med[k]:.2f}x fp32, "
+              f"{med['transformers bf16'] / med[k]:.2f}x bf16 (autocast), whole processes, medians")
 
 
 def main():
@@ -151,8 +246,22 @@ def main():
     p.add_argument("--hf-fused-adam", action="store_true", help="give transformers our fused Adam as well")
     p.add_argument("--hf-keep-freed", action="store_true",
                    help="give transformers our malloc setting as well (speedups.keep_freed_memory)")
-    p.add_argument("--contenders", default="ours-fp32,ours-bf16,transformers", help="comma-separated subset")
+    p.add_argument("--contenders", default="ours-fp32,ours-bf16,transformers,transformers-bf16",
+                   help="comma-separated subset")
+    p.add_argument("--whole", action="store_true", help="time whole processes instead (module docstring)")
+    p.add_argument("--rounds", type=int, default=3, help="--whole: rounds of the four processes")
+    p.add_argument("--hf-job", choices=["fp32", "bf16"], help="run hf_job alone (what --whole launches)")
+    p.add_argument("--out", default=None, help="--hf-job: where save_pretrained writes")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    isa = precision.cpu_isa()
+    print(f"CPU: {precision.cpu_name()}; bf16 matrix instructions: {isa}; torch capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; default --dtype {precision.default_dtype('cpu')}", flush=True)
+    if args.hf_job:
+        return hf_job(str(resolve(args.model)), args.dataset, args.hf_job == "bf16", args.out, args.epochs,
+                      args.batch_size, args.lr, args.seed)
+    if args.whole:
+        return whole(args)
     path = str(resolve(args.model))
     kinds = args.contenders.split(",")
     ctx = mp.get_context("spawn")
@@ -217,11 +326,11 @@ def main():
         conns[k].send(("stop",))
     for pr in procs.values():
         pr.join()
-    if "transformers" in result:
+    for hf in ("transformers", "transformers-bf16"):
         for k in kinds:
-            if k != "transformers":
-                print(f"throughput {k} / transformers: {result['transformers'][0] / result[k][0]:.2f}x total, "
-                      f"{result['transformers'][1] / result[k][1]:.2f}x median step")
+            if hf in result and not k.startswith("transformers"):
+                print(f"throughput {k} / {hf}: {result[hf][0] / result[k][0]:.2f}x total, "
+                      f"{result[hf][1] / result[k][1]:.2f}x median step")
     # The machine's own matmul rates, after the workers (the machine is quiet): a full batch through an MLP
     # projection (B T, D) x (D, F), and a large square one, near the peak rate.
     cfg = load_config(Path(path))

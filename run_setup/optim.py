@@ -40,14 +40,15 @@ class AdamInBackward:
 
     The update of step t (Kingma & Ba 2015, Algorithm 1) is `adam_update` below. Where PyTorch has a fused kernel
     for it (CPU, CUDA) and the moments are fp32, speedups.fused_adam runs the same update in one call.
-    `moments`, `offload`: the memory options of the module docstring."""
+    `moments`, `offload`: the memory options of the module docstring. `after_step(p)` runs right after each
+    parameter's update, while it is in cache (precision.Copies.refresh: its bf16 copy, once per step)."""
 
     betas, eps = (0.9, 0.999), 1e-8
 
-    def __init__(self, params, lr, moments="fp32", offload=False):
+    def __init__(self, params, lr, moments="fp32", offload=False, after_step=None):
         if moments not in ("fp32", "bf16"):
             raise ValueError(f"moments must be fp32 or bf16, not {moments!r}")
-        self.lr, self.offload = lr, offload
+        self.lr, self.offload, self.after_step = lr, offload, after_step
         self.fused = speedups.has_fused_adam(params) and moments == "fp32"
         dtype = torch.bfloat16 if moments == "bf16" else None
 
@@ -83,6 +84,8 @@ class AdamInBackward:
             m_home.copy_(m, non_blocking=True)
             v_home.copy_(v, non_blocking=True)
         p.grad = None
+        if self.after_step is not None:
+            self.after_step(p)
 
     @torch.no_grad()
     def adam_update(self, p, g, m, v, t):
@@ -100,3 +103,13 @@ class AdamInBackward:
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+def all_finite(params):
+    """Whether every weight is finite: a NaN or inf anywhere makes that tensor's norm NaN or inf (so would a weight
+    beyond 1e19, which has diverged too). One fused pass (torch._foreach_norm) instead of isfinite's four passes and
+    a bool tensor per weight: 0.06-0.15 s against 5-7 s over the default model's 106M trained weights (2 threads,
+    loaded Xeon; 0.18 s idle in ../shared/profile-default-finetune.md). FSDP2 shards: isfinite on each DTensor."""
+    if any(hasattr(p, "to_local") for p in params):
+        return all(bool(torch.isfinite(p).all()) for p in params)
+    return bool(torch.stack(torch._foreach_norm([p.detach() for p in params])).isfinite().all())

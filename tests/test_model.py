@@ -137,7 +137,7 @@ def test_bf16_sublayer_inputs_are_cast_once(tmp_path, monkeypatch, padded_batch)
         w = m.layers[0].input_layernorm.weight
         return logits, torch.autograd.grad(logits[mask.bool()].logsumexp(-1).sum(), w)[0], taps["layers.0.attn_in"]
     logits, grad, attn_in = run()
-    monkeypatch.setattr(M, "matmul_dtype", lambda x: x)                 # each projection casts its own input
+    monkeypatch.setattr(M, "matmul_dtype", lambda x, proj: x)               # each projection casts its own input
     ref_logits, ref_grad, ref_in = run()
     assert attn_in.dtype == torch.bfloat16 and ref_in.dtype == torch.float32
     assert torch.equal(logits, ref_logits)

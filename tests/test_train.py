@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import data
 from checkpoint_io import checkpoint as C
 import train
+from run_setup import precision
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,8 +157,10 @@ def test_checkpoint_reloads_to_identical_logits(tiny_dir, tmp_path):
         got = ours(ids, mask)
         ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids, attention_mask=mask).logits
         assert not torch.allclose(got, m(ids, mask))               # it did train
-    # the last record's ranks are those of the saved weights
-    assert data.mean_rank(ours, C.load_tokenizer(out), ds["test_impls"]) == metrics["records"][-1]["impl_mean_rank"]
+    # the last record's ranks are those of the saved weights, evaluated in the run's precision
+    with precision.matmuls(ours, metrics["args"]["dtype"]):
+        rank = data.mean_rank(ours, C.load_tokenizer(out), ds["test_impls"])
+    assert rank == metrics["records"][-1]["impl_mean_rank"]
     real = mask.bool()
     torch.testing.assert_close(ref[real], got[real], rtol=1e-4, atol=1e-4)
 

@@ -1,0 +1,150 @@
+"""The one dtype policy: which precision the matmuls run in, why, and the bf16 weight copies they read.
+
+Master weights, Adam's moments, norms, RoPE, the attention scores and softmax, logits, loss and ranks are fp32
+whatever the policy (STYLE rule 6). What `bfloat16` changes is the matmuls of the projections (q, k, v, o, gate,
+up, down), the attention's probabilities times V and the frozen head's training matmul: they read bf16 copies
+of the weights and bf16 activations, and accumulate in fp32 inside the CPU's (or GPU's) bf16 instructions.
+
+Why copies and not autocast: autocast casts every fp32 weight at every matmul that reads it (frozen ones at every
+use, trained ones once per forward), 64,681 casts and 2.4 s of a 14 s default finetune on an AMX Xeon
+(../shared/profile-default-finetune.md). Here each weight is cast once when a phase starts and refreshed in place
+right after Adam updates it (AdamInBackward's after_step, while the weight is still in cache): once per
+optimizer step. model.Linear's backward writes the weight's gradient (computed in bf16, as autocast's is) into
+the fp32 master's gradient, which Adam reads.
+
+The default (default_dtype): bf16 on a Linux CPU with bf16 matrix instructions (AMX or AVX512-BF16) only if the
+bf16 checks hold (the same ranks on the report's prompts, scores correlated >= 0.999 with fp32); they did not
+(BF16_CHECKS_HOLD), so the default is fp32 everywhere for now; `--dtype bfloat16` opts in. Every run
+records the choice and the CPU's ISA (describe()) in its settings.
+"""
+import contextlib
+import platform
+from pathlib import Path
+
+import torch
+
+import model as M
+
+DTYPES = ("float32", "bfloat16")
+
+
+# --- the CPU: its name, its bf16 matrix instructions --------------------------------------------------------
+
+def cpu_flags():
+    """The CPU's feature flags (Linux: /proc/cpuinfo), an empty set where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name():
+    """The processor's model name (Linux: /proc/cpuinfo; elsewhere platform.processor()): the last digits of a
+    training run depend on it, on its ISA and on the thread count, so runs and the report name them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_isa(flags=None):
+    """The CPU's bf16 matrix instructions: "AMX" (amx_bf16: tile matmuls, ~7x fp32 at our shapes), "AVX512-BF16"
+    (avx512_bf16: bf16 dot products, ~2-3x fp32), or "neither" (bf16 is converted to fp32 and is slower)."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return "neither"
+
+
+# Whether bf16 passed the checks that would make it a default (measured 2026-12-05, AMX Xeon, default cell): it did
+# not. Per-prompt ranks differ from fp32 on 1-11 prompts of most splits of the report's datasets (base model: first
+# hop facts 10.70 -> 10.85), and eq. 6's upstream scores correlate r 0.998 (heads) with fp32's, under the 0.999 asked.
+BF16_CHECKS_HOLD = False
+
+
+def default_dtype(device, system=None, isa=None, checks_hold=None):
+    """--dtype's default on `device`: bfloat16 on a Linux CPU with bf16 matrix instructions if the bf16 checks hold
+    (BF16_CHECKS_HOLD), float32 otherwise."""
+    system = platform.system() if system is None else system
+    isa = cpu_isa() if isa is None else isa
+    checks_hold = BF16_CHECKS_HOLD if checks_hold is None else checks_hold
+    if checks_hold and torch.device(device).type == "cpu" and system == "Linux" and isa != "neither":
+        return "bfloat16"
+    return "float32"
+
+
+def describe(device, dtype):
+    """What every run's settings record about its precision: the dtype, how it was chosen, the CPU and its ISA."""
+    return {"dtype": dtype, "default_dtype": default_dtype(device), "device": str(device), "cpu": cpu_name(),
+            "cpu_isa": cpu_isa(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+# --- the bf16 weight copies ---------------------------------------------------------------------------------
+
+class Copies:
+    """bf16 copies of every model.Linear's weight (and bias), installed as the module's `lowp`, and of a frozen
+    output head (`head`: the tied embedding has no Linear). refresh(p) re-casts the copy of parameter p in place."""
+
+    def __init__(self, model):
+        self.of = {}                                              # parameter -> its bf16 copy
+        self.modules = [m for m in model.modules() if isinstance(m, M.Linear)]
+        for m in self.modules:
+            m.lowp = self._copy(m.weight)
+            m.lowp_bias = None if m.bias is None else self._copy(m.bias)
+        w = model.head_weight()
+        self.head = None if w.requires_grad else self.of.get(w, None)
+        if self.head is None and not w.requires_grad:
+            self.head = self._copy(w)
+
+    def _copy(self, p):
+        self.of[p] = p.detach().to(torch.bfloat16)
+        return self.of[p]
+
+    @torch.no_grad()
+    def refresh(self, p):
+        """After p's optimizer step: its copy (if any) equal to p rounded to bf16 again."""
+        c = self.of.get(p)
+        if c is not None:
+            c.copy_(p)
+
+    def remove(self):
+        for m in self.modules:
+            m.lowp = m.lowp_bias = None
+
+
+def sharded(model):
+    """FSDP2 (run_setup/dist.py) shards parameters into DTensors: copies of shards cannot feed the gathered matmul."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def matmuls(model, dtype):
+    """Within the block, model's matmuls run in `dtype` ("float32" or "bfloat16"). Yields the Copies whose
+    refresh() the optimizer calls after each parameter's step, or None (fp32, or copies already installed by an
+    enclosing block). Under FSDP2: None, and bf16 runs through autocast() instead."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    installed = any(getattr(m, "lowp", None) is not None for m in model.modules() if isinstance(m, M.Linear))
+    if dtype == "float32" or installed or sharded(model):
+        yield None
+        return
+    copies = Copies(model)
+    try:
+        yield copies
+    finally:
+        copies.remove()
+
+
+def autocast(model, dtype):
+    """bf16 matmuls of a model sharded by FSDP2 (no copies there), under autocast around each forward; off
+    otherwise."""
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16,
+                          enabled=dtype == "bfloat16" and sharded(model))

@@ -1,0 +1,103 @@
+"""The dtype policy (run_setup/precision.py): the CPU's bf16 matrix instructions and the default they choose; the bf16
+weight copies against autocast (the same matmuls, without a cast per matmul) and fp32; the copies refreshed by each
+optimizer step; the cheap divergence check."""
+import pytest
+import torch
+
+import data
+import model as M
+import train
+from checkpoint_io import checkpoint as C
+from run_setup import precision
+from run_setup.optim import AdamInBackward, all_finite
+
+
+def test_isa_and_default_dtype():
+    assert precision.cpu_isa({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == "AMX"
+    assert precision.cpu_isa({"avx512f", "avx512_bf16"}) == "AVX512-BF16"
+    assert precision.cpu_isa({"avx2", "avx512f"}) == "neither" and precision.cpu_isa(set()) == "neither"
+    assert precision.default_dtype("cpu", "Linux", "AMX", True) == "bfloat16"
+    assert precision.default_dtype("cpu", "Linux", "AVX512-BF16", True) == "bfloat16"
+    assert precision.default_dtype("cpu", "Linux", "AMX", False) == "float32"     # the bf16 checks failed
+    assert precision.default_dtype("cpu", "Linux", "neither", True) == "float32"
+    assert precision.default_dtype("cpu", "Darwin", "AMX", True) == "float32"      # macOS: fp32
+    assert precision.default_dtype("cuda", "Linux", "AMX", True) == "float32"      # not measured on a GPU yet
+    d = precision.describe("cpu", "bfloat16")
+    assert d["dtype"] == "bfloat16" and d["cpu_isa"] in ("AMX", "AVX512-BF16", "neither") and d["cpu"]
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        with precision.matmuls(None, "float16"):
+            pass
+
+
+def loss_and_grads(m, ids, mask, mode):
+    """logits and every weight's gradient of a logsumexp loss, in fp32, under autocast, or from bf16 copies."""
+    m.zero_grad(set_to_none=True)
+    with precision.matmuls(m, "bfloat16" if mode == "copies" else "float32"), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        h = m.hidden(ids, mask)                                               # (B, T, D)
+        with torch.autocast("cpu", enabled=False):                           # the head in fp32, as in training
+            logits = m.logits(h.float())                                      # (B, T, V)
+        logits[mask.bool()].logsumexp(-1).sum().backward()
+    return logits.float(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])                      # qwen2: q/k/v biases
+def test_bf16_copies_are_autocasts_matmuls_without_the_casts(tmp_path, family, padded_batch):
+    """The copies run the matmuls autocast runs, on the same bf16 operands: the same logits (bit for bit; the head
+    in fp32 in both), weight gradients within 3% of the largest entry of autocast's (the backward's bf16 sums run
+    in another order), and as close to fp32's as autocast's are (2-10% of the largest entry, both).
+    The gradients reach the fp32 masters in fp32."""
+    from test_model import save_tiny
+    save_tiny(family, tmp_path)
+    m = C.from_pretrained(tmp_path)
+    ids, mask = padded_batch
+    ref, g32 = loss_and_grads(m, ids, mask, "fp32")
+    amp, gamp = loss_and_grads(m, ids, mask, "autocast")
+    got, gcp = loss_and_grads(m, ids, mask, "copies")
+    assert all(getattr(mod, "lowp", None) is None for mod in m.modules())     # removed after the block
+    real = mask.bool()
+    torch.testing.assert_close(got[real], amp[real], rtol=0, atol=0)
+    torch.testing.assert_close(got[real], ref[real], rtol=5e-2, atol=5e-2 * ref[real].abs().max().item())
+    assert set(gcp) == set(gamp) == set(g32)
+    for n in g32:
+        assert gcp[n].dtype == torch.float32, n
+        scale = g32[n].abs().max().item()
+        err = lambda g: (g - g32[n]).abs().max().item() / scale         # off fp32, relative to the largest entry
+        assert (gcp[n] - gamp[n]).abs().max().item() < 3e-2 * scale, n   # measured: up to 0.027
+        assert err(gcp[n]) < 1.25 * err(gamp[n]) + 1e-3, (n, err(gcp[n]), err(gamp[n]))   # 0.02-0.10, both
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, make_tiny):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def test_copies_are_refreshed_by_each_step(tiny_dir):
+    """After every optimizer step each trained weight's copy is that weight rounded to bf16; frozen ones unchanged."""
+    m = C.from_pretrained(tiny_dir)
+    params = [p for n, p in m.named_parameters() if n.startswith("model.layers.")]
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith("model.layers."))
+    tok = C.load_tokenizer(tiny_dir)
+    ids, mask, labels = data.encode_examples(tok, data.load_dataset("first_hop")["facts"][:4])
+    with precision.matmuls(m, "bfloat16") as copies:
+        assert copies.head is not None and copies.head.dtype == torch.bfloat16      # the frozen head
+        opt = AdamInBackward(params, 1e-2, after_step=copies.refresh)
+        for _ in range(2):
+            opt.start_step(1e-2)
+            train.answer_loss(m, ids, mask, labels, head=copies.head).backward()
+        opt.remove()
+        for mod in m.modules():
+            if isinstance(mod, M.Linear):
+                assert torch.equal(mod.lowp, mod.weight.detach().to(torch.bfloat16))
+        moved = [p for p in params if p.dim() == 2]
+        assert moved and all(copies.of[p].dtype == torch.bfloat16 for p in moved)
+
+
+def test_all_finite_sees_nan_and_inf():
+    ps = [torch.randn(50, 7), torch.randn(13)]
+    assert all_finite(ps)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        qs = [p.clone() for p in ps]
+        qs[0][3, 4] = bad
+        assert not all_finite(qs)
