@@ -105,6 +105,14 @@ def graft(base, add, sub, out, overwrite=False, log=print):
 
 # --- the experiment: training stages ------------------------------------------------------------------------
 
+def graft_or_reuse(base, add, sub, out, log=print):
+    """graft(base, add, sub, out) unless `out` holds a finished graft already (its graft.json)."""
+    if (Path(out) / "graft.json").exists():
+        log(f"[graft] reuse {out}")
+    else:
+        graft(base, add, sub, out, log=log)
+
+
 def train_stage(start, train_ex, other, out, s, log=print):
     """train.py's recipe (settings `s`) on the example list `train_ex`, starting from `start` (a loaded model, which
     is copied, or a checkpoint directory; under torchrun a directory, loaded sharded), saved as the checkpoint `out`
@@ -223,10 +231,9 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     del start
     for name, args in (("W_graft", (out / "W_Fp", out / "W_F_ImplF", out / "W_F")),
                        ("W_graft_control", (out / "W_Fp", out / "W_ImplF", base))):
-        if (out / name / "graft.json").exists():
-            log(f"[graft] reuse {out / name}")
-        else:
-            timed(name, lambda: dist.on_main(graft, *args, out / name, log=log))      # the others wait for it
+        # rank 0 alone looks and writes, the others wait for it: a rank that looked itself could find the graft
+        # rank 0 had just written, skip the wait, and meet rank 0 at another collective
+        timed(name, lambda: dist.on_main(graft_or_reuse, *args, out / name, log))
 
     # Table 3: mean ranks of W_F', W_graft, W~_graft (and the base for reference)
     t = time.time()
