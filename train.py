@@ -247,6 +247,8 @@ def finetune(model, tok, phases, s: Settings, log=print):
     (model.source) at the end. Returns (records, facts about the run for metrics.json)."""
     n_params = sum(p.numel() for p in model.parameters())
     s.dtype = s.dtype or precision.default_dtype(s.device)       # fp32 unless bf16's checks held
+    if warning := precision.slow_bf16(s.device, s.dtype):
+        log(f"warning: {warning}")
     frozen = split_layers(model.config.n_layers, s.freeze) if s.freeze else []
     names = set(trainable_names(model, s.train_all, frozen if s.freeze_when == "pre" else ()))
     params = []

@@ -81,6 +81,17 @@ def default_dtype(device, system=None, isa=None, checks_hold=None):
     return "float32"
 
 
+def slow_bf16(device, dtype, isa=None):
+    """A one-line warning when bf16 matmuls were asked for on a CPU without bf16 matrix instructions, where they are
+    converted to fp32 element by element (measured on a 2-core AMD EPYC with AVX2 only: a bf16 matmul at the
+    finetune's shapes 1 GFLOP/s against fp32's 74, the finetune 8x slower: bench/README.md); None otherwise."""
+    isa = cpu_isa() if isa is None else isa
+    if dtype == "bfloat16" and torch.device(device).type == "cpu" and isa == "neither":
+        return (f"--dtype bfloat16 on {cpu_name()}: this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), "
+                f"so bf16 matmuls run several times slower than fp32 here; --dtype float32 is the fast choice")
+    return None
+
+
 def describe(device, dtype):
     """What every run's settings record about its precision: the dtype, how it was chosen, the CPU and its ISA."""
     return {"dtype": dtype, "default_dtype": default_dtype(device), "device": str(device), "cpu": cpu_name(),
