@@ -170,8 +170,9 @@ def lr_factor(step, total, warmup_frac=0.1, schedule="warmup_linear"):
 
 
 def evaluate(model, tok, evals, s: Settings):
+    """Mean ranks of `evals` ({split: examples}), in fp32 whatever s.dtype (precision.fp32)."""
     model.eval()
-    with precision.matmuls(model, s.dtype), autocast(s, model):
+    with precision.fp32(model):
         return {k: data.mean_rank(model, tok, ex, s.eval_batch_size) for k, ex in evals.items()}
 
 
@@ -382,8 +383,9 @@ def main(argv=None):
     p.add_argument("--train-all", action="store_true",
                    help="also train token embeddings, final norm and output head (default: blocks only)")
     p.add_argument("--dtype", choices=precision.DTYPES, default=None,
-                   help="matmul precision (default float32: bf16's rank and score checks failed, "
-                        "run_setup/precision.py); weights, Adam state, norms, softmax, logits and loss stay fp32")
+                   help="the training steps' matmul precision (default float32: bf16's checks failed, "
+                        "run_setup/precision.py); weights, Adam state, norms, softmax, logits, loss and the "
+                        "ranks' evaluation stay fp32; bf16 is fast only on a CPU with AMX or AVX512-BF16")
     p.add_argument("--moments", choices=["fp32", "bf16"], default="fp32",
                    help="Adam's moments: fp32, or bf16 beside fp32 master weights (4 bytes less a trained parameter; "
                         "the update rounds m and v to bf16)")

@@ -116,7 +116,8 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
             if hf:
                 for g in opt.param_groups:
                     g["lr"] = step_lr
-                loss = model(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss   # head at every position
+                with amp():                                       # transformers-bf16: bf16 autocast
+                    loss = model(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss   # head at every position
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -125,3 +125,26 @@ def test_finetune_warns_of_slow_bf16(tiny_dir, monkeypatch, isa, warned):
     train.finetune(m, tok, [("facts", ex, {"facts": ex, "implications": ex})],
                    train.Settings(epochs=1, dtype="bfloat16", lr=1e-3, eval="final"), lines.append)
     assert any("no bf16 matrix instructions" in x for x in lines) == warned
+
+
+def test_evaluation_is_fp32_under_bf16_copies(tiny_dir, monkeypatch):
+    """precision.fp32 sets the bf16 copies aside (the fp32 model's logits to the bit) and puts them back; train's
+    evaluation runs inside it, so a bf16 run's ranks are fp32 ranks of its weights."""
+    m = C.from_pretrained(tiny_dir)
+    tok = C.load_tokenizer(tiny_dir)
+    ex = data.load_dataset("first_hop")["facts"][:4]
+    ids, mask = data.encode_prompts(tok, [e.prompt for e in ex])
+    with torch.no_grad():
+        ref = m(ids, mask)
+        with precision.matmuls(m, "bfloat16"):
+            bf = m(ids, mask)
+            assert not torch.equal(bf, ref)
+            with precision.fp32(m):
+                assert torch.equal(m(ids, mask), ref)
+            assert torch.equal(m(ids, mask), bf)                  # the copies are back
+    seen = []
+    monkeypatch.setattr(data, "mean_rank", lambda model, *a, **k: seen.append(
+        any(getattr(x, "lowp", None) is not None for x in model.modules())) or 0.0)
+    with precision.matmuls(m, "bfloat16"):
+        train.evaluate(m, tok, {"facts": ex}, train.Settings(dtype="bfloat16"))
+    assert seen == [False]
