@@ -140,7 +140,7 @@ def worker(kind, path, ds_name, seed, lr, hf_fused, hf_keep, threads, conn):
                     last = logits[torch.arange(len(ex)), pmask.sum(1) - 1]                   # (N, V)
                     out[split] = data.ranks_from_logits(last, correct, cands).mean().item()
                 else:
-                    with amp():
+                    with precision.fp32(model):                   # as train.evaluate: fp32 ranks
                         out[split] = data.mean_rank(model, tok, ex)
             conn.send(out)
         elif msg[0] == "mem":
