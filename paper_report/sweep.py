@@ -198,7 +198,7 @@ def grid_section(res, img):
 
 # --- the graft sweep: where the mechanism's premise holds --------------------------------------------------------
 #
-# Table 3 and Fig. 4 read the structures that training W_F on Impl F builds on top of the facts F: the paper's
+# Table 3, Fig. 4 and Fig. 6 read the structures that training W_F on Impl F builds on top of the facts F: the paper's
 # account needs F still known when Impl F is learned, else W_F,ImplF - W_F is "forget F + memorize Impl F". The
 # sweep trains, on seed 0, the graft chain's first stages (W_F, W_F,ImplF, W_F') at a constant rate (the authors'
 # protocol) for each cell of GRAFT_LRS x GRAFT_EPOCHS, and the premise cell is the first (smallest lr, then fewest
@@ -255,7 +255,7 @@ def graft_sweep_section(res):
     cols = ("F (W_F)", "Impl F (W_F,ImplF)", "F (W_F,ImplF)", "F' (W_F')")
     L = ["## Graft sweep: where the mechanism's premise holds", "",
          "Seed 0, constant rate (the authors' protocol), the graft chain's first stages at each lr x epochs "
-         f"(paper_report/sweep.py). The premise of Table 3 and Fig. 4: W_F,ImplF still knows F and has learned "
+         f"(paper_report/sweep.py). The premise of Table 3, Fig. 4 and Fig. 6: W_F,ImplF still knows F and has learned "
          f"Impl F, and W_F' knows F' (each mean rank <= {LEARNED}).", "",
          "| lr x epochs | " + " | ".join(cols) + " | premise |", "|---" * (len(cols) + 2) + "|"]
     for key, c in sw.items():
@@ -265,5 +265,5 @@ def graft_sweep_section(res):
     cell = premise_cell(sw)
     L += ["", f"Premise cell: lr {cell[0]:g} x {cell[1]} epochs." if cell else
           "No cell keeps F through the Impl F phase while learning F': on this model the premise fails at every "
-          "cell swept, so Table 3 and Fig. 4 cannot test the mechanism here.", ""]
+          "cell swept, so Table 3, Fig. 4 and Fig. 6 cannot test the mechanism here.", ""]
     return L
