@@ -17,8 +17,7 @@ the fp32 master's gradient, which Adam reads.
 
 The default (default_dtype): bf16 on a Linux CPU with bf16 matrix instructions (AMX or AVX512-BF16) only if the
 bf16 checks hold (BF16_CHECKS_HOLD); they did not, so the default is fp32 everywhere for now; `--dtype bfloat16`
-opts in. Every run
-records the choice and the CPU's ISA (describe()) in its settings.
+opts in. Every run records the choice and the CPU's ISA (describe()) in its settings.
 """
 import contextlib
 import platform
@@ -89,8 +88,8 @@ def default_dtype(device, system=None, isa=None, checks_hold=None):
 
 
 def slow_bf16(device, dtype, isa=None):
-    """A one-line warning when bf16 matmuls were asked for on a CPU without bf16 matrix instructions, where they are
-    converted to fp32 element by element (measured on a 2-core AMD EPYC with AVX2 only: a bf16 matmul at the
+    """A one-line warning when bf16 matmuls were asked for on a CPU without bf16 matrix instructions, where torch
+    runs them in slow fallback kernels (measured on a 2-core AMD EPYC with AVX2 only: a bf16 matmul at the
     finetune's shapes 1 GFLOP/s against fp32's 74, the finetune 8x slower: bench/README.md); None otherwise."""
     isa = cpu_isa() if isa is None else isa
     if dtype == "bfloat16" and torch.device(device).type == "cpu" and isa == "neither":

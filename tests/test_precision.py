@@ -30,8 +30,8 @@ def test_isa_and_default_dtype():
 
 
 def test_bf16_without_matrix_instructions_warns():
-    """bf16 on a CPU without bf16 matrix instructions is converted element by element (8x slower than fp32 on an
-    AVX2 EPYC): the finetune says so in one line; nowhere else."""
+    """bf16 on a CPU without bf16 matrix instructions runs in torch's slow fallback kernels (8x slower than fp32 on
+    an AVX2 EPYC): the finetune says so in one line; nowhere else."""
     assert "no bf16 matrix instructions" in precision.slow_bf16("cpu", "bfloat16", "neither")
     assert precision.slow_bf16("cpu", "bfloat16", "AMX") is None
     assert precision.slow_bf16("cpu", "bfloat16", "AVX512-BF16") is None
