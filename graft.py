@@ -113,16 +113,18 @@ def graft_or_reuse(base, add, sub, out, log=print):
         graft(base, add, sub, out, log=log)
 
 
-def train_stage(start, train_ex, other, out, s, log=print):
+def train_stage(start, train_ex, other, out, s, log=print, snapshots=None):
     """train.py's recipe (settings `s`) on the example list `train_ex`, starting from `start` (a loaded model, which
     is copied, or a checkpoint directory; under torchrun a directory, loaded sharded), saved as the checkpoint `out`
     (train.save); its records' "fact" rank is `train_ex`, its "impl" rank `other`. A finished stage (its
-    metrics.json) is reused."""
-    out = Path(out)
+    metrics.json) is reused. `snapshots`: {k: directory} of the same stage with k < s.epochs epochs at a constant
+    rate, saved on the way (train.train_phase's snapshots: the same weights and records as a k-epoch run)."""
+    out, snapshots = Path(out), {k: Path(d) for k, d in (snapshots or {}).items()}
     if (out / "metrics.json").exists():
         log(f"[graft] reuse {out}")
         return read_json(out / "metrics.json")
-    dist.on_main(check_output, out, "checkpoint", s.overwrite, log=log)
+    for d in [out, *snapshots.values()]:
+        dist.on_main(check_output, d, "checkpoint", s.overwrite, log=log)
     if dist.world_size() > 1:
         model = dist.load_sharded(start, s.device)                  # this rank's shards only
     else:
@@ -134,14 +136,27 @@ def train_stage(start, train_ex, other, out, s, log=print):
     torch.manual_seed(s.seed)
     t0 = time.time()
     phases = [("finetune", train_ex, {"facts": train_ex, "implications": other})]
-    records, facts = train.finetune(model, load_tokenizer(model.source), phases, s, log)
-    metrics = {"args": dataclasses.asdict(s), "base_model": str(model.source), **facts,
-               "torch_threads": torch.get_num_threads(), "world_size": dist.world_size(),
-               "wall_time_s": time.time() - t0, "records": records}
-    train.save(model, out, metrics, s.overwrite, log=log)
+
+    def metrics(settings, records, facts, **extra):
+        return {"args": dataclasses.asdict(settings), "base_model": str(model.source), **facts, **extra,
+                "torch_threads": torch.get_num_threads(), "world_size": dist.world_size(),
+                "wall_time_s": time.time() - t0, "records": records}
+
+    def snapshot(k, d):
+        def save(records, facts):
+            if (d / "metrics.json").exists():                     # written by an earlier, interrupted run
+                return
+            log(f"[graft] {out.name}: its epoch {k} is the {k}-epoch stage {d}")
+            sk = dataclasses.replace(s, epochs=k, dataset=f"{len(train_ex)} examples (graft stage {d.name})")
+            train.save(model, d, metrics(sk, records, facts, snapshot_of=str(out)), s.overwrite, log=log)
+        return save
+    records, facts = train.finetune(model, load_tokenizer(model.source), phases, s, log,
+                                    snapshots={k: snapshot(k, d) for k, d in snapshots.items()})
+    m = metrics(s, records, facts)
+    train.save(model, out, m, s.overwrite, log=log)
     del model
     gc.collect()
-    return metrics
+    return m
 
 
 def swap(records):

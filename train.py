@@ -184,11 +184,15 @@ def dataset_loss(model, batches, s: Settings, head=None):
     return sum(losses) / len(losses)
 
 
-def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, copies=None):
+def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, copies=None, snapshots=None):
     """One phase: fresh Adam and schedule over `examples`, evaluating `evals` before and after every epoch (or,
     with s.eval == "final", after the last epoch only: the grid reports nothing else, and the 40-prompt evaluation
-    costs about as much as an epoch's training). Returns the records {"phase", "epoch", "loss", "fact_mean_rank",
-    "impl_mean_rank"}. `copies`: precision.matmuls' bf16 weight copies, refreshed after each update."""
+    costs a few seconds). Returns the records {"phase", "epoch", "loss", "fact_mean_rank", "impl_mean_rank"}.
+    `copies`: precision.matmuls' bf16 weight copies, refreshed after each update.
+    `snapshots`: {epoch: fn(records)}, called after that epoch (evaluated then, whatever s.eval) with the records an
+    `epoch`-epoch run would have returned. At a constant rate the first k epochs of a longer run are that k-epoch
+    run: the same batches (one generator, seeded), the same rate, the same Adam state; so one 16-epoch run also
+    gives the 8-epoch model (the graft sweep's cells, report.graft_sweep_stages)."""
     device = next(model.parameters()).device
     ids, mask, labels = (t.to(device) for t in data.encode_examples(tok, examples))   # (N, T) each
     N, B = len(examples), s.batch_size
@@ -209,6 +213,9 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, co
             f"  impl rank {r['impl_mean_rank']:5.2f}  ({time.time() - t0:5.1f} s)")
         return r
 
+    snapshots = snapshots or {}
+    if snapshots and s.schedule != "constant":
+        raise ValueError(f"snapshots need a constant rate: under {s.schedule!r} a shorter run's rates differ")
     t0 = time.time()
     # epoch 0: the loss of the untrained model on the whole training set
     records = [record(0, dataset_loss(model, [batch(torch.arange(i, min(i + B, N), device=device))
@@ -233,8 +240,12 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, co
             if not all_finite(params):                            # once an epoch: one fused pass over them
                 raise UserError(f"training diverged: the weights are not finite after {phase} epoch {epoch} "
                                 f"(lr {s.lr:g}); nothing was written: try a smaller --lr")
-            if s.eval == "epochs" or epoch == s.epochs:                  # loss: the mean over the epoch's batches
-                records.append(record(epoch, sum(losses) / len(losses), t0))
+            kept = s.eval == "epochs" or epoch == s.epochs
+            if kept or epoch in snapshots:                        # loss: the mean over the epoch's batches
+                r = record(epoch, sum(losses) / len(losses), t0)
+                records += [r] if kept else []
+                if epoch in snapshots:                            # what an `epoch`-epoch run returns
+                    snapshots[epoch](list(records) if s.eval == "epochs" else [r])
     finally:
         opt.remove()
     return records
@@ -242,10 +253,11 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, co
 
 # --- the finetune ------------------------------------------------------------------------------------------
 
-def finetune(model, tok, phases, s: Settings, log=print):
+def finetune(model, tok, phases, s: Settings, log=print, snapshots=None):
     """Train `model` in place through `phases` (data.phases' format) with the settings `s`: the blocks (or
     everything, train_all) minus the layers frozen "pre"; layers frozen "post" are reset to the base
-    (model.source) at the end. Returns (records, facts about the run for metrics.json)."""
+    (model.source) at the end. Returns (records, facts about the run for metrics.json). `snapshots`: train_phase's,
+    for a one-phase finetune without frozen layers, each called as fn(records, facts)."""
     n_params = sum(p.numel() for p in model.parameters())
     s.dtype = s.dtype or precision.default_dtype(s.device)       # fp32 unless bf16's checks held
     if warning := precision.slow_bf16(s.device, s.dtype):
@@ -259,10 +271,16 @@ def finetune(model, tok, phases, s: Settings, log=print):
             params.append(p)
     log(f"{s.model}: {n_params / 1e6:.0f}M parameters, {sum(p.numel() for p in params) / 1e6:.0f}M train; "
         f"lr {s.lr:g}; frozen layers {frozen or 'none'} ({s.freeze_when if frozen else '-'})")
+    if snapshots and (len(phases) != 1 or frozen):
+        raise ValueError("snapshots are for a one-phase finetune without frozen layers")
+    facts = {"n_params": n_params, "n_trainable": sum(p.numel() for p in params),
+             "n_trainable_this_rank": sum(optim_local(p).numel() for p in params),    # under FSDP2: this rank's
+             "frozen_layers": frozen, "precision": precision.describe(s.device, s.dtype)}
+    snapshots = {k: (lambda records, fn=fn: fn(records, facts)) for k, fn in (snapshots or {}).items()}
     records = []
     with precision.matmuls(model, s.dtype) as copies:             # bf16: weight copies, cast once for all phases
         for name, examples, evals in phases:
-            records += train_phase(model, tok, examples, evals, params, s, name, log, copies)
+            records += train_phase(model, tok, examples, evals, params, s, name, log, copies, snapshots)
     if frozen and s.freeze_when == "post":
         reset_layers(model, frozen)                               # Table 2 "post": back to W on frozen layers
         ranks = evaluate(model, tok, phases[-1][2], s)
@@ -272,10 +290,7 @@ def finetune(model, tok, phases, s: Settings, log=print):
             f"fact rank {ranks['facts']:5.2f}  impl rank {ranks['implications']:5.2f}")
     for p in params:
         p.requires_grad_(False)
-    local = sum(optim_local(p).numel() for p in params)           # under FSDP2: this rank's shards
-    return records, {"n_params": n_params, "n_trainable": sum(p.numel() for p in params),
-                     "n_trainable_this_rank": local, "frozen_layers": frozen,
-                     "precision": precision.describe(s.device, s.dtype)}
+    return records, facts
 
 
 def run(s: Settings, log=print, model=None):

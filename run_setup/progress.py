@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 DELAY_S = 2.0      # a pass shorter than this shows nothing
+PLAIN = False      # lines even on a terminal: report.py's workers, which share one
 EVERY_S = 5.0      # not on a terminal: at most one line per EVERY_S seconds
 
 
@@ -81,7 +82,7 @@ def progress(iterable=None, desc="", total=None, unit="step"):
     plain lines elsewhere, nothing on a torchrun rank other than 0."""
     if os.environ.get("RANK", "0") != "0":
         return tqdm(iterable, total=total, disable=True)           # passes the items through, prints nothing
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and not PLAIN:
         return tqdm(iterable, desc=desc, total=total, unit=unit, delay=DELAY_S, leave=False, dynamic_ncols=True,
                     file=sys.stderr)
     return Lines(iterable, total, desc, unit)

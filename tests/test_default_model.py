@@ -28,13 +28,13 @@ def tokenizer(default_ckpt):
 
 
 @pytest.fixture(scope="module")
-def ref_tokenizer():
+def ref_tokenizer(gguf_parsed_once):
     g = default_model.gguf_path()
     return transformers.AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
 
 
 @pytest.fixture(scope="module")
-def ref_model():
+def ref_model(gguf_parsed_once):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF: pip install accelerate")
     g = default_model.gguf_path()
     return transformers.AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()

@@ -224,7 +224,7 @@ def test_cache_holds_config_terms_and_notice(ckpt):
 
 
 @needs_package
-def test_tokenizer_matches_transformers_gguf(tokenizer):
+def test_tokenizer_matches_transformers_gguf(tokenizer, gguf_parsed_once):
     g = default_model.gguf_path(NAME)
     ref = transformers.AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
     for s in STRINGS:
@@ -235,7 +235,7 @@ def test_tokenizer_matches_transformers_gguf(tokenizer):
 
 
 @needs_package
-def test_model_py_matches_transformers_gguf(tokenizer):
+def test_model_py_matches_transformers_gguf(tokenizer, gguf_parsed_once):
     """One forward pass of 600 tokens, longer than the 512-token window: the converted weights (norms less 1,
     tensor names), the local/global layers and RoPE tables, q/k norms, the embedding scale."""
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF: pip install accelerate")

@@ -88,3 +88,35 @@ def test_mismatched_tokenizer_is_refused(ckpts, tmp_path):
     (d / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(ValueError, match="different tokenizers"):
         G.graft(a, a, d, tmp_path / "out", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("eval_", ["epochs", "final"])
+def test_a_snapshot_is_the_shorter_stage(ckpts, tmp_path, eval_):
+    """train_stage's snapshots (the graft sweep's shorter cells): at a constant rate, epoch 1 of a 3-epoch stage is
+    the 1-epoch stage, the same weights to the bit and the same records; the 3-epoch stage's own records are those
+    of a 3-epoch stage without snapshots."""
+    import dataclasses
+    import data
+    import train as T
+    quiet = lambda *_: None
+    ex = data.load_dataset("daxwug", seed=0)
+    F, IF = ex["train_facts"][:12], ex["train_impls"][:12]           # 2 steps an epoch at batch 8
+    s = T.Settings(model=str(ckpts[0]), lr=3e-3, schedule="constant", epochs=3, eval=eval_, device="cpu")
+    d = {k: tmp_path / k / "W_F" for k in ("long", "snap", "one", "plain")}     # a stage's name is its directory's
+    long = G.train_stage(ckpts[0], F, IF, d["long"], s, quiet, snapshots={1: d["snap"]})
+    one = G.train_stage(ckpts[0], F, IF, d["one"], dataclasses.replace(s, epochs=1), quiet)
+    plain = G.train_stage(ckpts[0], F, IF, d["plain"], s, quiet)
+    got, want = load_file(d["snap"] / "model.safetensors"), load_file(d["one"] / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert not torch.equal(got["model.layers.1.mlp.up_proj.weight"],
+                           load_file(d["long"] / "model.safetensors")["model.layers.1.mlp.up_proj.weight"])
+    snap = json.loads((d["snap"] / "metrics.json").read_text())
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("wall_time_s", "snapshot_of")}
+    assert drop(snap) == drop(one) and snap["snapshot_of"] == str(d["long"])
+    assert len(snap["records"]) == (2 if eval_ == "epochs" else 1)
+    assert drop(long) == drop(plain)                              # the snapshot changed nothing of the long run
+    with pytest.raises(ValueError, match="constant rate"):        # under warmup and decay a shorter run differs
+        G.train_stage(ckpts[0], F, IF, tmp_path / "wl", dataclasses.replace(s, schedule="warmup_linear"), quiet,
+                      snapshots={1: tmp_path / "wl1"})

@@ -1,6 +1,7 @@
 """report.py: REPORT.md from small stub stage outputs (every section, table, figure link and verdict line), the
 verdict criteria on known numbers, and a failed stage that neither stops the rest nor loses finished ones."""
 import json
+import os
 
 import pytest
 
@@ -121,8 +122,8 @@ def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
 
 def test_only_seeds_runs_those_seeds_and_writes_no_report(tmp_path, monkeypatch, capsys):
     calls, run_stages = [], R.run_stages
-    monkeypatch.setattr(R, "run_stages", lambda model, seeds, work, device, grid, grid_only, every, graft_sweep:
-                        calls.append((seeds, grid, every)))
+    monkeypatch.setattr(R, "run_stages", lambda model, seeds, work, device, grid, grid_only, every, graft_sweep,
+                        workers, threads: calls.append((seeds, grid, every)))
     out = tmp_path / "out"
     R.main(["--only-seeds", "2,1", "--seeds", "3", "--grid", "--out", str(out), "--work", str(tmp_path / "w")])
     assert calls == [([1, 2], True, [0, 1, 2])] and not out.exists()   # those seeds, no report
@@ -141,3 +142,52 @@ def test_only_seeds_runs_those_seeds_and_writes_no_report(tmp_path, monkeypatch,
         with pytest.raises(SystemExit) as e:
             R.main(bad)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+# --- the plan, and its items on workers -------------------------------------------------------------------
+
+def test_plan_lists_every_item_after_what_it_reads(monkeypatch):
+    monkeypatch.setattr(R.sweep, "GRAFT_LRS", (3e-5, 1e-4))
+    items = R.plan([0, 1], grid=True, graft_sweep=True)
+    assert [(i.kind, i.seed, i.lr) for i in items] == [
+        ("sweep", 0, 3e-5), ("sweep", 0, 1e-4), ("seed", 0, None), ("grid", 0, None), ("seed", 1, None),
+        ("grid", 1, None), ("premise", 0, None), ("premise", 1, None), ("gentle", 0, None), ("gentle", 1, None)]
+    seen = set()
+    for i in items:                                               # one process runs them in this order
+        assert set(i.after) <= seen, i
+        seen.add(i.key)
+    premise1 = items[7]
+    assert set(premise1.after) == {("sweep", 0, 3e-5), ("sweep", 0, 1e-4), ("seed", 1, None)}
+    assert set(items[9].after) == {("grid", 0, None), ("grid", 1, None), ("seed", 1, None), ("premise", 1, None)}
+    # --only-seeds 1 of 0..2: the sweep (seed 0's) is another process's, so nothing here waits for it
+    assert [(i.kind, i.after) for i in R.plan([1], every=[0, 1, 2], graft_sweep=True)] == [
+        ("seed", ()), ("premise", (("seed", 1, None),))]
+    assert [i.kind for i in R.plan([0], grid_only=True, grid=True, graft_sweep=True)] == ["sweep", "sweep", "grid"]
+
+
+def fake_item(model, work, device, item, every):
+    """A worker's item that records when it ran, in which process (importable by the spawned workers)."""
+    import os
+    import time
+    t0 = time.time()
+    time.sleep(0.5)
+    (work / f"{item.kind}{item.seed}{item.lr}.json").write_text(
+        json.dumps({"start": t0, "end": time.time(), "pid": os.getpid()}))
+    if item.kind == "seed" and item.seed == 1:
+        raise RuntimeError("a worker's item fails")               # recorded; the items after it still run
+
+
+def test_workers_take_items_up_in_plan_order_after_what_they_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(R.sweep, "GRAFT_LRS", (3e-5, 1e-4))
+    monkeypatch.setattr(R, "_worker_run", fake_item)
+    items = R.plan([0, 1, 2], graft_sweep=True)
+    R.run_parallel("m", tmp_path, "cpu", items, [0, 1, 2], workers=2, threads=2)
+    ran = {i.key: json.loads((tmp_path / f"{i.kind}{i.seed}{i.lr}.json").read_text()) for i in items}
+    for i in items:
+        for a in i.after:
+            assert ran[a]["end"] <= ran[i.key]["start"], (i.key, a)
+    assert len({r["pid"] for r in ran.values()}) == 2              # two processes, not this one
+    assert os.getpid() not in {r["pid"] for r in ran.values()}
+    spans = sorted((r["start"], r["end"]) for r in ran.values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))      # they overlap: in parallel
+    assert "seed 1 seed: its worker FAILED: a worker's item fails" in capsys.readouterr().out

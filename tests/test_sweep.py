@@ -1,6 +1,7 @@
 """paper_report/sweep.py (the lr x epochs grid and the gentle cell), the replay ordering, evaluation at the last epoch
 only, and the salience correlation: on a tiny random model, and on stub stage outputs rendered into REPORT.md."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,25 +210,34 @@ def test_premise_cell_is_the_first_where_f_survives_and_f_prime_is_learned(monke
 
 def test_graft_sweep_and_the_premise_cell_end_to_end(tiny_dir, tmp_path, monkeypatch):
     """report.py --graft-sweep on the tiny model, the sweep shrunk to one cell and the report's other stages
-    skipped: the sweep's stages train at a constant rate, the premise cell's graft reuses them on seed 0, and
-    REPORT.md shows the sweep and the cell's verdicts in both Fig. 6 definitions."""
+    skipped: the sweep's stages train at a constant rate, the 1-epoch cell's W_F and W_F' are the 2-epoch runs'
+    snapshots, the premise cell's graft reuses them on seed 0, and REPORT.md shows the sweep and the cell's verdicts
+    in both Fig. 6 definitions."""
     monkeypatch.setattr(sweep, "GRAFT_LRS", (3e-3,))
-    monkeypatch.setattr(sweep, "GRAFT_EPOCHS", (1,))
+    monkeypatch.setattr(sweep, "GRAFT_EPOCHS", (1, 2))
     monkeypatch.setattr(R, "stages", lambda *a: [])
     monkeypatch.setattr(sweep, "premise_cell", lambda sw: (3e-3, 1) if sw else None)   # the tiny model's ranks aside
     work = tmp_path / "work"
     R.run_stages(str(tiny_dir), [0], work, graft_sweep=True)
     w = work / "seed0"
-    times = {**json.loads((w / "graft_sweep" / "stage_times.json").read_text()),
+    times = {**json.loads((w / "graft_sweep" / "stage_times_lr0.003.json").read_text()),
              **json.loads((w / "stage_times.json").read_text())}
     assert not {k: v["error"] for k, v in times.items() if v["status"] != "ok"}
-    assert {"graft_sweep_lr0.003_ep1_W_F", "graft_sweep_lr0.003_ep1_W_F_ImplF", "graft_sweep_lr0.003_ep1_W_Fp",
-            "authors_graft", "authors_daxwug_impl_first", "authors_daxwug_joint"} <= set(times)
+    assert {"graft_sweep_lr0.003_W_F", "graft_sweep_lr0.003_W_Fp", "graft_sweep_lr0.003_ep1_W_F_ImplF",
+            "graft_sweep_lr0.003_ep2_W_F_ImplF", "authors_graft", "authors_daxwug_impl_first",
+            "authors_daxwug_joint"} <= set(times)
     g = sweep.premise_dir(w, (3e-3, 1)) / "graft"
     wf = json.loads((g / "W_F" / "metrics.json").read_text())
     assert wf["args"]["schedule"] == "constant" and wf["args"]["lr"] == 3e-3 and wf["args"]["epochs"] == 1
+    g2 = sweep.premise_dir(w, (3e-3, 2)) / "graft"
+    assert wf["snapshot_of"] == str(g2 / "W_F") and len(wf["records"]) == 2       # epochs 0 and 1 of the 2-epoch run
+    wfp = json.loads((g / "W_Fp" / "metrics.json").read_text())
+    assert wfp["snapshot_of"] == str(g2 / "W_Fp") and [r["epoch"] for r in wfp["records"]] == [1]
+    for cell, ep in ((g, 1), (g2, 2)):                           # each cell's W_F,ImplF: from that cell's W_F
+        m = json.loads((cell / "W_F_ImplF" / "metrics.json").read_text())
+        assert m["args"]["epochs"] == ep and Path(m["base_model"]) == cell / "W_F"
     # the graft stage reused the sweep's three trainings: they ran once, in the sweep
-    assert times["graft_sweep_lr0.003_ep1_W_F"]["status"] == "ok" and len(wf["records"]) == 2
+    assert times["graft_sweep_lr0.003_W_F"]["status"] == "ok"
     res = R.collect(str(tiny_dir), [0], work)
     assert set(res["graft_sweep"]["0.003:1"]) == {"F (W_F)", "Impl F (W_F,ImplF)", "F (W_F,ImplF)", "F' (W_F')"}
     assert res["premise"]["fig6_authors"]["mlp"]["n"] > 0 and res["premise"]["settings"]["lr"] == 3e-3
