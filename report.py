@@ -34,12 +34,10 @@ each claim on the seed means, and render.render() (a pure function of the result
 import argparse
 import dataclasses
 import gc
-import multiprocessing
 import os
 import platform
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,8 +45,9 @@ import torch
 from run_setup import cli
 import data
 from run_setup import dist
-from run_setup import progress
+from run_setup import workers as workers_
 from run_setup.progress import estimate
+from run_setup.workers import Item
 from run_setup.precision import cpu_isa, cpu_name
 import exact
 import graft
@@ -190,22 +189,6 @@ def gentle_stages(model, s: train.Settings, w, base, device, cell):
 
 # --- the plan: which groups of stages run, in which order, on how many workers ------------------------------
 
-@dataclass(frozen=True)
-class Item:
-    """One group of stages that runs in one process, in order: "sweep" (the graft sweep's cells at one lr, on the
-    report's first seed), "seed" (one seed's stages), "grid" (one seed's grid cells), "premise" / "gentle" (one
-    seed's Fig. 4 / Table 3 / Fig. 6 stages at the sweep's premise cell / the grid's gentle cell). `after`: the
-    items (their keys) whose outputs it reads or whose stage_times.json it shares, which must end first."""
-    kind: str
-    seed: int
-    lr: float | None = None
-    after: tuple = ()
-
-    @property
-    def key(self):
-        return self.kind, self.seed, self.lr
-
-
 def plan(seeds, grid=False, grid_only=False, every=None, graft_sweep=False):
     """The items of a run, in the order one process runs them (and workers take them up)."""
     every = every or seeds
@@ -237,20 +220,17 @@ def run_item(model, work, device, item, every, base):
         run_list(seed, w, stages(model, seed, w, base, device))
     elif item.kind == "grid":
         run_list(seed, w / "grid", sweep.grid_stages(s, w, base, log))
-    elif item.kind == "premise":
-        cell = sweep.premise_cell(sweep.collect_graft_sweep(work / f"seed{every[0]}"))
+    else:                                                         # at the sweep's premise / the grid's gentle cell
+        premise = item.kind == "premise"
+        cell = sweep.premise_cell(sweep.collect_graft_sweep(work / f"seed{every[0]}")) if premise else \
+            sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
         if cell is None:
-            return log(f"seed {seed}: the graft sweep is incomplete, or the premise holds at no cell: its Table 3 / "
-                       "Fig. 4 / Fig. 6 stages are skipped")
-        log(f"seed {seed}: the graft sweep's premise cell is lr {cell[0]:g} x {cell[1]} epochs (constant rate)")
-        run_list(seed, w, premise_stages(model, s, w, base, device, cell))
-    elif item.kind == "gentle":
-        cell = sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
-        if cell is None:
-            return log(f"seed {seed}: the grid is incomplete, or no first-hop cell shows OCR: no gentle cell, its "
-                       "stages are skipped")
-        log(f"seed {seed}: the grid's gentle cell is lr {cell[0]:g} x {cell[1]} epochs")
-        run_list(seed, w, gentle_stages(model, s, w, base, device, cell))
+            why = "the premise holds at no cell" if premise else "no first-hop cell shows OCR"
+            return log(f"seed {seed}: the {'graft sweep' if premise else 'grid'} is incomplete, or {why}: its "
+                       f"{item.kind} stages are skipped")
+        log(f"seed {seed}: the {'graft sweep' if premise else 'grid'}'s {item.kind} cell is lr {cell[0]:g} x "
+            f"{cell[1]} epochs{' (constant rate)' if premise else ''}")
+        run_list(seed, w, (premise_stages if premise else gentle_stages)(model, s, w, base, device, cell))
 
 
 def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, all_seeds=None, graft_sweep=False,
@@ -258,9 +238,8 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, al
     """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json (the grid's
     to seed{s}/grid/stage_times.json, so that `--grid-only` in a second process never writes the same file; the
     sweep's, one file per lr, under seed{s}/graft_sweep). The gentle cell is chosen on the grids of `all_seeds`
-    (default `seeds`: `--only-seeds` runs some of the report's seeds). Under torchrun every rank calls it (the
-    module docstring). `workers` > 1: the plan's items in that many processes (run_parallel), `threads` (default
-    torch's) shared among them."""
+    (default `seeds`: `--only-seeds` runs some of the report's seeds). Under torchrun every rank calls it (module
+    docstring). `workers` > 1: plan()'s items on that many processes sharing `threads` (run_setup/workers.py)."""
     device = dist.init(device)                                    # torchrun: join the process group, if not yet
     if dist.world_size() > 1:                                     # before any stage: as many ranks as blocks at most
         if workers > 1:
@@ -273,7 +252,8 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, al
         for item in items:
             run_item(model, work, device, item, every, base)
     else:
-        run_parallel(model, work, device, items, every, workers, threads or torch.get_num_threads())
+        workers_.run_parallel(partial(_worker_run, model, work, device, every), items, workers,
+                              threads or torch.get_num_threads(), log)
     log(f"stages: {len(items)} groups ran in {time.time() - t0:.0f} s on {workers} worker(s)")
 
 
@@ -291,43 +271,9 @@ def base_loader(model, device):
     return base
 
 
-# Workers: spawned processes (a forked one would inherit torch's thread pools), each loading the base once
-_WORKER = {}
-
-
-def _worker_start(threads):
-    torch.set_num_threads(threads)
-    progress.PLAIN = True                                         # lines, not bars: the workers share a terminal
-
-
-def _worker_run(model, work, device, item, every):
-    if "base" not in _WORKER:
-        _WORKER["base"] = base_loader(model, device)
-    run_item(model, work, device, item, every, _WORKER["base"])
-
-
-def run_parallel(model, work, device, items, every, workers, threads):
-    """The items on `workers` spawned processes with threads // workers threads each, taken up in plan order as
-    their `after` items end. On a 2-core CPU two single-thread workers finish two finetunes of SmolLM2 in 71 s,
-    one process with two threads one in 66 s: 1.9x the throughput (bench/README.md)."""
-    ctx = multiprocessing.get_context("spawn")
-    pending, running, ended = list(items), {}, set()
-    log(f"{len(items)} groups of stages on {workers} workers of {max(1, threads // workers)} thread(s)")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start,
-                             initargs=(max(1, threads // workers),)) as pool:
-        while pending or running:
-            ready = [i for i in pending if set(i.after) <= ended][:workers - len(running)]
-            for item in ready:
-                pending.remove(item)
-                running[pool.submit(_worker_run, model, work, device, item, every)] = item
-            if not running:                                       # plan() lists every item after its `after`
-                raise RuntimeError(f"no item can start: {pending}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                item = running.pop(f)
-                ended.add(item.key)
-                if f.exception() is not None:                     # its finished stages stay; the rest go on
-                    log(f"seed {item.seed} {item.kind}: its worker FAILED: {f.exception()}")
+def _worker_run(model, work, device, every, item, _base={}):
+    """run_item in a worker (run_setup/workers.py), which loads the base once for all its items (in `_base`)."""
+    run_item(model, work, device, item, every, _base.setdefault("base", base_loader(model, device)))
 
 
 def run_list(seed, w, todo, times_name="stage_times.json"):

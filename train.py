@@ -87,7 +87,7 @@ def reset_layers(model, layers):
 def answer_loss(model, ids, mask, labels, head=None):
     """Mean cross-entropy over the answer tokens of a right-padded batch; the output head runs only at the
     positions that predict an answer token. ids, mask, labels (B, T). `head`: a bf16 copy of the frozen head
-    (bf16_head) for bf16 training; without it the head's matmul runs in fp32. Logits and loss are fp32.
+    (precision.bf16_head) for bf16 training; without it the head's matmul runs in fp32. Logits and loss are fp32.
 
     The last column is never fed to the model: it holds each longest example's final token (or padding), which
     predicts nothing, and under causal attention no earlier position sees it. Dropping it changes no loss or
@@ -102,17 +102,6 @@ def answer_loss(model, ids, mask, labels, head=None):
         else:
             logits = model.logits(h_at.to(head.dtype), head)      # (M, V) fp32, from a bf16 matmul
         return F.cross_entropy(logits, target[at])
-
-
-def bf16_head(model, dtype):
-    """A bf16 copy of the output head for the training loss when matmuls run in bf16 (`dtype`, --dtype) and the
-    head is frozen (the default), else None. Made once: autocast would cast the frozen (V, D) matrix anew at every step,
-    and the head's two fp32 matmuls per step (logits, and their gradient) read 113 MB each for the default
-    model (0.03 s of a 0.38 s CPU step, 0.01 s in bf16)."""
-    w = model.head_weight()
-    if dtype != "bfloat16" or w.requires_grad:
-        return None
-    return w.detach().to(torch.bfloat16)
 
 
 # --- settings: what a finetune is asked to do ---------------------------------------------------------------
@@ -187,19 +176,18 @@ def dataset_loss(model, batches, s: Settings, head=None):
 def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, copies=None, snapshots=None):
     """One phase: fresh Adam and schedule over `examples`, evaluating `evals` before and after every epoch (or,
     with s.eval == "final", after the last epoch only: the grid reports nothing else, and the 40-prompt evaluation
-    costs a few seconds). Returns the records {"phase", "epoch", "loss", "fact_mean_rank", "impl_mean_rank"}.
-    `copies`: precision.matmuls' bf16 weight copies, refreshed after each update.
-    `snapshots`: {epoch: fn(records)}, called after that epoch (evaluated then, whatever s.eval) with the records an
-    `epoch`-epoch run would have returned. At a constant rate the first k epochs of a longer run are that k-epoch
-    run: the same batches (one generator, seeded), the same rate, the same Adam state; so one 16-epoch run also
-    gives the 8-epoch model (the graft sweep's cells, report.graft_sweep_stages)."""
+    costs a few seconds). Returns the records {"phase", "epoch", "loss", "fact_mean_rank", "impl_mean_rank"}. `copies`:
+    precision.matmuls' bf16 weight copies, refreshed after each update. `snapshots`: {k: fn(records)}, called after
+    epoch k (evaluated then, whatever s.eval) with a k-epoch run's records: at a constant rate a longer run's first k
+    epochs are the k-epoch run (the same batches, rate, Adam state), so one 16-epoch run also gives the 8-epoch model
+    (the graft sweep's cells, report.graft_sweep_stages)."""
     device = next(model.parameters()).device
     ids, mask, labels = (t.to(device) for t in data.encode_examples(tok, examples))   # (N, T) each
     N, B = len(examples), s.batch_size
     steps_per_epoch = math.ceil(N / B)
     total = s.epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(s.seed)                  # reshuffled every epoch, reproducibly
-    head = copies.head if copies else bf16_head(model, s.dtype)
+    head = copies.head if copies else precision.bf16_head(model, s.dtype)
 
     def batch(rows):
         T = int(mask[rows].sum(1).max())                          # trim padding to the batch's longest
@@ -213,8 +201,7 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, co
             f"  impl rank {r['impl_mean_rank']:5.2f}  ({time.time() - t0:5.1f} s)")
         return r
 
-    snapshots = snapshots or {}
-    if snapshots and s.schedule != "constant":
+    if (snapshots := snapshots or {}) and s.schedule != "constant":
         raise ValueError(f"snapshots need a constant rate: under {s.schedule!r} a shorter run's rates differ")
     t0 = time.time()
     # epoch 0: the loss of the untrained model on the whole training set
@@ -256,8 +243,8 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, co
 def finetune(model, tok, phases, s: Settings, log=print, snapshots=None):
     """Train `model` in place through `phases` (data.phases' format) with the settings `s`: the blocks (or
     everything, train_all) minus the layers frozen "pre"; layers frozen "post" are reset to the base
-    (model.source) at the end. Returns (records, facts about the run for metrics.json). `snapshots`: train_phase's,
-    for a one-phase finetune without frozen layers, each called as fn(records, facts)."""
+    (model.source) at the end. Returns (records, facts for metrics.json). `snapshots`: train_phase's, as fn(records,
+    facts), for one phase without frozen layers."""
     n_params = sum(p.numel() for p in model.parameters())
     s.dtype = s.dtype or precision.default_dtype(s.device)       # fp32 unless bf16's checks held
     if warning := precision.slow_bf16(s.device, s.dtype):
@@ -276,8 +263,7 @@ def finetune(model, tok, phases, s: Settings, log=print, snapshots=None):
     facts = {"n_params": n_params, "n_trainable": sum(p.numel() for p in params),
              "n_trainable_this_rank": sum(optim_local(p).numel() for p in params),    # under FSDP2: this rank's
              "frozen_layers": frozen, "precision": precision.describe(s.device, s.dtype)}
-    snapshots = {k: (lambda records, fn=fn: fn(records, facts)) for k, fn in (snapshots or {}).items()}
-    records = []
+    snapshots, records = {k: (lambda records, fn=fn: fn(records, facts)) for k, fn in (snapshots or {}).items()}, []
     with precision.matmuls(model, s.dtype) as copies:             # bf16: weight copies, cast once for all phases
         for name, examples, evals in phases:
             records += train_phase(model, tok, examples, evals, params, s, name, log, copies, snapshots)

@@ -180,3 +180,14 @@ def autocast(model, dtype):
     otherwise."""
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16,
                           enabled=dtype == "bfloat16" and sharded(model))
+
+
+def bf16_head(model, dtype):
+    """A bf16 copy of the output head for the training loss when matmuls run in bf16 (`dtype`, --dtype) and the
+    head is frozen (the default), else None. Made once: autocast would cast the frozen (V, D) matrix anew at every step,
+    and the head's two fp32 matmuls per step (logits, and their gradient) read 113 MB each for the default
+    model (0.03 s of a 0.38 s CPU step, 0.01 s in bf16)."""
+    w = model.head_weight()
+    if dtype != "bfloat16" or w.requires_grad:
+        return None
+    return w.detach().to(torch.bfloat16)

@@ -165,23 +165,23 @@ def test_plan_lists_every_item_after_what_it_reads(monkeypatch):
     assert [i.kind for i in R.plan([0], grid_only=True, grid=True, graft_sweep=True)] == ["sweep", "sweep", "grid"]
 
 
-def fake_item(model, work, device, item, every):
+def fake_item(work, item):
     """A worker's item that records when it ran, in which process (importable by the spawned workers)."""
-    import os
     import time
     t0 = time.time()
     time.sleep(0.5)
     (work / f"{item.kind}{item.seed}{item.lr}.json").write_text(
         json.dumps({"start": t0, "end": time.time(), "pid": os.getpid()}))
     if item.kind == "seed" and item.seed == 1:
-        raise RuntimeError("a worker's item fails")               # recorded; the items after it still run
+        raise RuntimeError("a worker's item fails")               # logged; the items after it still run
 
 
-def test_workers_take_items_up_in_plan_order_after_what_they_read(tmp_path, monkeypatch, capsys):
+def test_workers_take_items_up_in_plan_order_after_what_they_read(tmp_path, monkeypatch):
+    from functools import partial
+    from run_setup import workers
     monkeypatch.setattr(R.sweep, "GRAFT_LRS", (3e-5, 1e-4))
-    monkeypatch.setattr(R, "_worker_run", fake_item)
-    items = R.plan([0, 1, 2], graft_sweep=True)
-    R.run_parallel("m", tmp_path, "cpu", items, [0, 1, 2], workers=2, threads=2)
+    items, said = R.plan([0, 1, 2], graft_sweep=True), []
+    workers.run_parallel(partial(fake_item, tmp_path), items, 2, 2, said.append)
     ran = {i.key: json.loads((tmp_path / f"{i.kind}{i.seed}{i.lr}.json").read_text()) for i in items}
     for i in items:
         for a in i.after:
@@ -190,4 +190,4 @@ def test_workers_take_items_up_in_plan_order_after_what_they_read(tmp_path, monk
     assert os.getpid() not in {r["pid"] for r in ran.values()}
     spans = sorted((r["start"], r["end"]) for r in ran.values())
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))      # they overlap: in parallel
-    assert "seed 1 seed: its worker FAILED: a worker's item fails" in capsys.readouterr().out
+    assert "seed 1 seed: its worker FAILED: a worker's item fails" in said
