@@ -31,7 +31,6 @@ gentlest cell (paper_report/sweep.py).
 Then collect.collect() reads those outputs into results.json (every number per seed), paper_report/claims.py judges
 each claim on the seed means, and render.render() (a pure function of the results) writes REPORT.md.
 """
-import argparse
 import dataclasses
 import gc
 import os
@@ -220,17 +219,20 @@ def run_item(model, work, device, item, every, base):
         run_list(seed, w, stages(model, seed, w, base, device))
     elif item.kind == "grid":
         run_list(seed, w / "grid", sweep.grid_stages(s, w, base, log))
-    else:                                                         # at the sweep's premise / the grid's gentle cell
-        premise = item.kind == "premise"
-        cell = sweep.premise_cell(sweep.collect_graft_sweep(work / f"seed{every[0]}")) if premise else \
-            sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
+    elif item.kind == "premise":
+        cell = sweep.premise_cell(sweep.collect_graft_sweep(work / f"seed{every[0]}"))
         if cell is None:
-            why = "the premise holds at no cell" if premise else "no first-hop cell shows OCR"
-            return log(f"seed {seed}: the {'graft sweep' if premise else 'grid'} is incomplete, or {why}: its "
-                       f"{item.kind} stages are skipped")
-        log(f"seed {seed}: the {'graft sweep' if premise else 'grid'}'s {item.kind} cell is lr {cell[0]:g} x "
-            f"{cell[1]} epochs{' (constant rate)' if premise else ''}")
-        run_list(seed, w, (premise_stages if premise else gentle_stages)(model, s, w, base, device, cell))
+            return log(f"seed {seed}: the graft sweep is incomplete, or the premise holds at no cell: its premise "
+                       "stages are skipped")
+        log(f"seed {seed}: the graft sweep's premise cell is lr {cell[0]:g} x {cell[1]} epochs (constant rate)")
+        run_list(seed, w, premise_stages(model, s, w, base, device, cell))
+    elif item.kind == "gentle":
+        cell = sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
+        if cell is None:
+            return log(f"seed {seed}: the grid is incomplete, or no first-hop cell shows OCR: its gentle stages are "
+                       "skipped")
+        log(f"seed {seed}: the grid's gentle cell is lr {cell[0]:g} x {cell[1]} epochs")
+        run_list(seed, w, gentle_stages(model, s, w, base, device, cell))
 
 
 def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, all_seeds=None, graft_sweep=False,
@@ -271,14 +273,19 @@ def base_loader(model, device):
     return base
 
 
-def _worker_run(model, work, device, every, item, _base={}):
-    """run_item in a worker (run_setup/workers.py), which loads the base once for all its items (in `_base`)."""
-    run_item(model, work, device, item, every, _base.setdefault("base", base_loader(model, device)))
+_WORKER_BASE = []     # in a worker process: its base_loader, so that it loads the base once for all its items
+
+
+def _worker_run(model, work, device, every, item):
+    """run_item in a worker (run_setup/workers.py)."""
+    if not _WORKER_BASE:
+        _WORKER_BASE.append(base_loader(model, device))
+    run_item(model, work, device, item, every, _WORKER_BASE[0])
 
 
 def run_list(seed, w, todo, times_name="stage_times.json"):
     """Run each (name, done marker, action) of `todo` whose marker does not exist yet, timing it in
-    w/stage_times.json. Under torchrun the ranks agree after each stage whether it worked on all of them
+    w/`times_name`. Under torchrun the ranks agree after each stage whether it worked on all of them
     (dist.agree), so a stage that failed on one rank is recorded as failed and every rank goes on to the next stage
     together."""
     times_file = w / times_name
@@ -336,17 +343,6 @@ def rejudge(out):
     return res
 
 
-def seed_list(text):
-    """argparse type of --only-seeds: '0,2' -> [0, 2]."""
-    try:
-        out = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as integers separated by commas, e.g. 1,2") from None
-    if any(x < 0 for x in out):
-        raise argparse.ArgumentTypeError(f"{text!r}: seeds are 0 or more")
-    return sorted(set(out))
-
-
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", default=DEFAULT_NAME, help="base model: the embedded default, a directory or a hub id")
@@ -367,7 +363,7 @@ def main(argv=None):
     p.add_argument("--graft-sweep", action="store_true", help="also the graft sweep (seed 0, constant rate: the "
                    "authors' protocol) and Fig. 4 / Table 3 / Fig. 6 at its first cell where W_F,ImplF still knows F "
                    "and W_F' knows F' (paper_report/sweep.py)")
-    p.add_argument("--only-seeds", type=seed_list, default=None, metavar="S,S,...",
+    p.add_argument("--only-seeds", type=cli.seed_list, default=None, metavar="S,S,...",
                    help="run only these seeds' stages (with --grid: their cells, and their gentle-cell stages once "
                         "every seed's grid is done) and write no report (e.g. one process a seed, each with "
                         "--threads 1; a later `report.py --render-only` writes the report)")

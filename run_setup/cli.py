@@ -38,6 +38,17 @@ def fraction(s):
     return v
 
 
+def seed_list(text):
+    """argparse type of --only-seeds: '0,2' -> [0, 2]."""
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as integers separated by commas, e.g. 1,2") from None
+    if any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are 0 or more")
+    return sorted(set(out))
+
+
 def device_name(name):
     """--device: a name torch accepts (cpu, cuda, cuda:1, ...), checked when the arguments are parsed."""
     try:
