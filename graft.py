@@ -113,10 +113,11 @@ def graft_or_reuse(base, add, sub, out, log=print):
         graft(base, add, sub, out, log=log)
 
 
-def train_stage(start, train_ex, other, out, s, log=print, snapshots=None):
+def train_stage(start, train_ex, other, out, s, log=print, snapshots=None, evals=None):
     """train.py's recipe (settings `s`) on the example list `train_ex`, starting from `start` (a loaded model, which
     is copied, or a checkpoint directory; under torchrun a directory, loaded sharded), saved as the checkpoint `out`
-    (train.save); its records' "fact" rank is `train_ex`, its "impl" rank `other`. A finished stage (its
+    (train.save); its records' "fact" rank is `train_ex`, its "impl" rank `other` (or `evals`' "facts" and
+    "implications", data.phases' evaluation splits, where the training set is not the facts). A finished stage (its
     metrics.json) is reused. `snapshots`: {k: directory} of the same stage with k < s.epochs epochs at a constant
     rate, saved on the way (train.train_phase's snapshots: the same weights and records as a k-epoch run)."""
     out, snapshots = Path(out), {k: Path(d) for k, d in (snapshots or {}).items()}
@@ -135,7 +136,7 @@ def train_stage(start, train_ex, other, out, s, log=print, snapshots=None):
                             dataset=f"{len(train_ex)} examples (graft stage {out.name})")
     torch.manual_seed(s.seed)
     t0 = time.time()
-    phases = [("finetune", train_ex, {"facts": train_ex, "implications": other})]
+    phases = [("finetune", train_ex, evals or {"facts": train_ex, "implications": other})]
 
     def metrics(settings, records, facts, **extra):
         return {"args": dataclasses.asdict(settings), "base_model": str(model.source), **facts, **extra,
@@ -300,24 +301,30 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     return results
 
 
-def impl_first(s, w, log=print):
-    """Fig. 4 implications-first in the report's work directory `w`: the experiment's W_ImplF (the base trained on
-    Impl F, w/graft), then the train facts, then the test facts; the phases, seed and fresh optimizers of
-    `train.py --order impl_first`, one training fewer."""
-    d = data.load_dataset("daxwug", seed=s.seed)
-    g, out = w / "graft", w / "daxwug_impl_first"
+# Fig. 4's orderings whose first phase is one of the experiment's stages: that stage, and whether its records need
+# swap() (W_ImplF trained on Impl F, so its "facts" were the implications)
+CHAINED_ORDERS = {"impl_first": ("W_ImplF", True), "facts_first_replay": ("W_F", False)}
+
+
+def ordering(order, s, w, log=print):
+    """Fig. 4's `order` (CHAINED_ORDERS) in the report's work directory `w`: the experiment's stage (w/graft) as the
+    first phase, then data.phases' other phases, each a train_stage from the one before, under
+    w/daxwug_{order}/{phase}: the phases, seed and fresh optimizers of `train.py --order order`, one training fewer."""
+    first, swapped = CHAINED_ORDERS[order]
+    g, out = w / "graft", w / f"daxwug_{order}"
     dist.on_main(work_dir, out, "report-stage")
-    if not (g / "W_ImplF" / "metrics.json").exists():
-        raise RuntimeError(f"{g / 'W_ImplF'} is missing: the graft stage has to run first")
-    first = read_json(g / "W_ImplF" / "metrics.json")
-    second = train_stage(g / "W_ImplF", d["train_facts"], d["train_impls"], out / "W_ImplF_F", s, log)
-    third = train_stage(out / "W_ImplF_F", d["test_facts"], d["test_impls"], out / "W_ImplF_F_test", s, log)
-    records = [{**r, "phase": "pretrain_impls"} for r in swap(first["records"])] + \
-        [{**r, "phase": "pretrain_facts"} for r in second["records"]] + \
-        [{**r, "phase": "finetune"} for r in third["records"]]
-    dist.on_main(write_json, out / "metrics.json", {"order": "impl_first", "seed": s.seed, "records": records,
-                                                    "built_from": [str(g / "W_ImplF"), str(out / "W_ImplF_F"),
-                                                                   str(out / "W_ImplF_F_test")]})
+    if not (g / first / "metrics.json").exists():
+        raise RuntimeError(f"{g / first} is missing: the graft stage has to run first")
+    (phase0, _, _), *rest = data.phases(data.load_dataset("daxwug", seed=s.seed), order)
+    done = read_json(g / first / "metrics.json")["records"]
+    records = [{**r, "phase": phase0} for r in (swap(done) if swapped else done)]
+    built = [g / first]
+    for phase, examples, evals in rest:
+        m = train_stage(built[-1], examples, None, out / phase, s, log, evals=evals)
+        records += [{**r, "phase": phase} for r in m["records"]]
+        built.append(out / phase)
+    dist.on_main(write_json, out / "metrics.json", {"order": order, "seed": s.seed, "records": records,
+                                                    "built_from": [str(d) for d in built]})
 
 
 def main(argv=None):

@@ -17,10 +17,10 @@ alone logs and writes, and after every stage the ranks agree on whether it worke
                                    (it trains the same model with the same seed first): no second training
     {hop}_{early,late}_pre         train.py --freeze X --freeze-when pre: Table 2 Early (pre) / Late (pre)
     graft                          graft.experiment: Table 3, Fig. 6, and Fig. 4's facts-first ordering
-    daxwug_impl_first              Fig. 4: graft's W_ImplF, then train facts, then test facts (graft.train_stage)
+    daxwug_impl_first              Fig. 4: graft's W_ImplF, then train facts, then test facts (graft.ordering)
     daxwug_joint                   train.py --dataset daxwug --order joint: Fig. 4
-    daxwug_facts_first_replay      train.py --order facts_first_replay: Fig. 4's facts-first with the facts
-                                   replayed in the implication phase, the control for forgetting F (beyond the paper)
+    daxwug_facts_first_replay      Fig. 4's facts-first with the facts replayed in the implication phase, the control
+                                   for forgetting F (beyond the paper): graft's W_F, then Impl F + F, then test facts
     preconditions.json             preconditions.base_knowledge: does the base model know the hops the claims need
     salience.json                  preconditions.salience: per implication, the base model's knowledge of the known
                                    hop against the finetune's rank (Ghosal et al., beyond the paper)
@@ -136,10 +136,11 @@ def graft_and_orderings(model, s: train.Settings, w, base, device, prefix=""):
                model, s.seed, w / "graft", device, log, load_base=base, lr=s.lr, epochs=s.epochs,
                schedule=s.schedule)),
            (prefix + "daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json",
-            lambda: graft.impl_first(s, w, log))]
-    for order in ("joint", "facts_first_replay"):
-        d = w / f"daxwug_{order}"
-        out.append((prefix + d.name, d / "metrics.json", fine(d, dataset="daxwug", order=order)))
+            lambda: graft.ordering("impl_first", s, w, log)),
+           (prefix + "daxwug_joint", w / "daxwug_joint" / "metrics.json",
+            fine(w / "daxwug_joint", dataset="daxwug", order="joint")),
+           (prefix + "daxwug_facts_first_replay", w / "daxwug_facts_first_replay" / "metrics.json",
+            lambda: graft.ordering("facts_first_replay", s, w, log))]
     return out
 
 

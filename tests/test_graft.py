@@ -120,3 +120,31 @@ def test_a_snapshot_is_the_shorter_stage(ckpts, tmp_path, eval_):
     with pytest.raises(ValueError, match="constant rate"):        # under warmup and decay a shorter run differs
         G.train_stage(ckpts[0], F, IF, tmp_path / "wl", dataclasses.replace(s, schedule="warmup_linear"), quiet,
                       snapshots={1: tmp_path / "wl1"})
+
+
+@pytest.mark.parametrize("order", sorted(G.CHAINED_ORDERS))
+def test_a_chained_ordering_is_train_py_s(ckpts, tmp_path, order):
+    """graft.ordering (report.py's Fig. 4 orderings that start from the experiment's W_F or W_ImplF) gives what
+    `train.py --order order` gives in one run: the same records and the same final weights, to the bit."""
+    import data
+    import train as T
+    quiet = lambda *_: None
+    argv = ["--model", str(ckpts[0]), "--dataset", "daxwug", "--order", order, "--epochs", "1", "--lr", "1e-3",
+            "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "train_py")]
+    want = T.main(argv)
+    s = G.work_settings(str(ckpts[0]), 0, "cpu", lr=1e-3, epochs=1)
+    assert s.threads == 1 and s.schedule == want["args"]["schedule"]
+    d = data.load_dataset("daxwug", seed=0)
+    F, IF = d["train_facts"], d["train_impls"]
+    first, _ = G.CHAINED_ORDERS[order]
+    w = tmp_path / "report"
+    G.train_stage(ckpts[0], *((F, IF) if first == "W_F" else (IF, F)), w / "graft" / first, s, quiet)   # as experiment
+    G.ordering(order, s, w, quiet)
+    got = json.loads((w / f"daxwug_{order}" / "metrics.json").read_text())
+    assert [r["phase"] for r in got["records"]] == [r["phase"] for r in want["records"]]
+    assert got["records"] == want["records"]
+    a, b = load_file(w / f"daxwug_{order}" / "finetune" / "model.safetensors"), \
+        load_file(tmp_path / "train_py" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RuntimeError, match="graft stage has to run first"):
+        G.ordering(order, s, tmp_path / "empty", quiet)
