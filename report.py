@@ -251,6 +251,8 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, al
     every, t0 = all_seeds or seeds, time.time()
     items = plan(seeds, grid, grid_only, every, graft_sweep)
     if workers == 1:
+        if dist.world_size() == 1:                                # torchrun's ranks are the parallelism there
+            workers_.suggest(len(items), threads or torch.get_num_threads(), device, log)
         base = base_loader(model, device)
         for item in items:
             run_item(model, work, device, item, every, base)

@@ -176,6 +176,18 @@ def fake_item(work, item):
         raise RuntimeError("a worker's item fails")               # logged; the items after it still run
 
 
+def test_one_process_on_several_cores_is_told_of_workers():
+    """report.py in one process of several CPU threads says what --workers would do; nothing on one thread, one
+    group of stages, or a GPU."""
+    from run_setup import workers
+    said = []
+    workers.suggest(7, 2, "cpu", said.append)
+    assert len(said) == 1 and "`--workers 2` runs 2 of them side by side" in said[0]
+    for args in ((7, 1, "cpu"), (1, 2, "cpu"), (7, 2, "cuda:0")):
+        workers.suggest(*args, said.append)
+    assert len(said) == 1
+
+
 def test_workers_take_items_up_in_plan_order_after_what_they_read(tmp_path, monkeypatch):
     from functools import partial
     from run_setup import workers
