@@ -27,6 +27,7 @@ if __package__ in (None, ""):                                     # run as a fil
 import data                                                       # noqa: E402
 import scores as S                                                # noqa: E402
 from checkpoint_io.checkpoint import from_pretrained, load_tokenizer, resolve   # noqa: E402
+from model import upcast as up                                    # noqa: E402  fp32 at least; fp64 stays
 from run_setup import cli, precision                              # noqa: E402
 from run_setup.progress import progress                           # noqa: E402
 
@@ -86,11 +87,6 @@ def record(model, rec, b):
     hf_reward(model, b.ids, b.mask, b.correct, b.cands).sum().backward()
     kept, rec.store = rec.store, {}                               # later forwards write elsewhere
     return kept
-
-
-def up(t):
-    """fp32 at least: a bf16 (autocast) pass's tensors are computed on in fp32, fp64 ones stay fp64."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def doubled(x, n):
@@ -228,7 +224,8 @@ def main():
     path_a = resolve(args.model)
     tok = load_tokenizer(path_a)
     b = S.make_prompts(tok, data.load_dataset(args.dataset)["implications"])
-    ours = (from_pretrained(path_a).requires_grad_(False), from_pretrained(args.finetuned).requires_grad_(False))
+    ours = (from_pretrained(path_a).requires_grad_(False), from_pretrained(args.finetuned).requires_grad_(False)) \
+        if "ours-fp32" in kinds else None
     hf = (load_hf(path_a), load_hf(args.finetuned)) if any(k.startswith("transformers") for k in kinds) else None
     if hf and hf[0].config.model_type != "llama":
         sys.exit(f"error: the transformers peer is written for the Llama family (SmolLM2, Llama 3), not "
