@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import Config
+from fused_kernels import backend
 from fused_kernels.attention import attention
 
 
@@ -76,23 +77,24 @@ def matmul_dtype(x, proj):
 class LowpMatmul(torch.autograd.Function):
     """y = x W^T + b from a low-precision copy of W (and b), whose gradient goes to the fp32 master W: the forward
     and both backward matmuls read the copy, so no weight is cast per matmul (run_setup/precision.py keeps the
-    copy fresh). The weight gradient is computed in the copy's dtype, as autocast's is, and cast to fp32 once."""
+    copy fresh). The weight gradient is computed in the copy's dtype, as autocast's is, and cast to fp32 once.
+    backend.linear / matmul: torch's bf16 kernels, or on a CPU without bf16 instructions fp32 ones on bf16 values."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lowp, lowp_bias):
         x = x.to(lowp.dtype)
         ctx.save_for_backward(x, lowp)
         ctx.has_bias = bias is not None
-        return F.linear(x, lowp, lowp_bias)                       # (..., O) in the copy's dtype
+        return backend.linear(x, lowp, lowp_bias)                 # (..., O) in the copy's dtype
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors                                  # (..., I), (O, I)
         g = g.to(w.dtype)                                         # (..., O)
-        gx = g @ w if ctx.needs_input_grad[0] else None           # (..., I)
+        gx = backend.matmul(g, w) if ctx.needs_input_grad[0] else None                # (..., I)
         gw = gb = None
         if ctx.needs_input_grad[1]:
-            gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).float()   # (O, I) for the master
+            gw = backend.matmul(g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1])).float()  # (O, I)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.reshape(-1, g.shape[-1]).float().sum(0)        # (O,) summed in fp32
         return gx, gw, gb, None, None
@@ -314,7 +316,7 @@ class Transformer(nn.Module):
     def logits(self, h, weight=None):
         """The output head at whatever positions `h` holds, (..., D) -> (..., V) fp32 logits. `weight`: a copy
         of head_weight() in another dtype (train.py's bf16 head); by default the head itself."""
-        logits = upcast(F.linear(h, self.head_weight() if weight is None else weight))
+        logits = upcast(backend.linear(h, self.head_weight() if weight is None else weight))
         if self.config.final_softcap is not None:                 # Gemma 2: soft-capped logits
             c = self.config.final_softcap
             logits = c * torch.tanh(logits / c)

@@ -202,26 +202,25 @@ def hf_job(path, dataset, amp, out, epochs=8, batch_size=8, lr=3e-4, seed=0):
 
 
 def whole(args):
-    """Whole processes, start to exit, in rounds of rotating order: ours (fp32 and bf16) against
-    hf_job in fp32 and bf16 autocast. Prints each contender's median wall time and the ratios."""
+    """Whole processes, start to exit, in rounds of rotating order: of ours (fp32 and bf16) and hf_job (fp32 and bf16
+    autocast), the --contenders. Prints each contender's median wall time and the ratios among them."""
     import subprocess
     import tempfile
     py, root = sys.executable, Path(__file__).resolve().parent.parent
     threads = ["--threads", str(args.threads)]
     out = Path(tempfile.mkdtemp(prefix="train_speed_"))
-    kinds = {"ours bf16": [py, "train.py", "--dataset", args.dataset, "--dtype", "bfloat16", "--overwrite", *threads],
-             "ours fp32": [py, "train.py", "--dataset", args.dataset, "--dtype", "float32", "--overwrite", *threads],
-             "transformers fp32": [py, "bench/train_speed.py", "--hf-job", "fp32", "--dataset", args.dataset,
-                                   *threads],
-             "transformers bf16": [py, "bench/train_speed.py", "--hf-job", "bf16", "--dataset", args.dataset,
+    every = {"ours-bf16": [py, "train.py", "--dataset", args.dataset, "--dtype", "bfloat16", "--overwrite", *threads],
+             "ours-fp32": [py, "train.py", "--dataset", args.dataset, "--dtype", "float32", "--overwrite", *threads],
+             "transformers": [py, "bench/train_speed.py", "--hf-job", "fp32", "--dataset", args.dataset, *threads],
+             "transformers-bf16": [py, "bench/train_speed.py", "--hf-job", "bf16", "--dataset", args.dataset,
                                    *threads]}
+    kinds = {k: every[k] for k in every if k in args.contenders.split(",")}     # --contenders, in this order
     times = {k: [] for k in kinds}
     names = list(kinds)
     for r in range(args.rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            res = subprocess.run(kinds[k] + ["--out", str(out / k.replace(" ", "_"))], cwd=root,
-                                 capture_output=True, text=True)
+            res = subprocess.run(kinds[k] + ["--out", str(out / k)], cwd=root, capture_output=True, text=True)
             times[k].append(time.perf_counter() - t0)
             if res.returncode:
                 sys.exit(f"error: {k} failed:\n{res.stderr[-2000:]}")
@@ -230,9 +229,22 @@ def whole(args):
     med = {k: statistics.median(v) for k, v in times.items()}
     for k in kinds:
         print(f"{k:>18}: median {med[k]:6.1f} s (runs {', '.join(f'{t:.1f}' for t in times[k])})")
-    for k in ("ours bf16", "ours fp32"):
-        print(f"{k} against transformers: {med['transformers fp32'] / med[k]:.2f}x fp32, "
-              f"{med['transformers bf16'] / med[k]:.2f}x bf16 (autocast), whole processes, medians")
+    for k in ("ours-bf16", "ours-fp32"):
+        for peer in ("transformers", "transformers-bf16", "ours-fp32"):
+            if k in med and peer in med and peer != k:
+                print(f"{k} against {peer}: {med[peer] / med[k]:.2f}x (whole processes, medians)")
+
+
+CONTENDERS = ("ours-fp32", "ours-bf16", "transformers", "transformers-bf16")
+
+
+def contender_list(text):
+    """--contenders: a comma-separated subset of CONTENDERS, or a one-line error naming them."""
+    bad = [k for k in text.split(",") if k not in CONTENDERS]
+    if bad or not text:
+        raise argparse.ArgumentTypeError(f"unknown contender {bad[0] if bad else text!r}: choose from "
+                                         f"{', '.join(CONTENDERS)}")
+    return text
 
 
 def main():
@@ -247,10 +259,10 @@ def main():
     p.add_argument("--hf-fused-adam", action="store_true", help="give transformers our fused Adam as well")
     p.add_argument("--hf-keep-freed", action="store_true",
                    help="give transformers our malloc setting as well (speedups.keep_freed_memory)")
-    p.add_argument("--contenders", default="ours-fp32,ours-bf16,transformers,transformers-bf16",
-                   help="comma-separated subset")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), type=contender_list,
+                   help=f"comma-separated subset of {', '.join(CONTENDERS)} (with --whole too)")
     p.add_argument("--whole", action="store_true", help="time whole processes instead (module docstring)")
-    p.add_argument("--rounds", type=int, default=3, help="--whole: rounds of the four processes")
+    p.add_argument("--rounds", type=int, default=3, help="--whole: rounds of the contenders' processes")
     p.add_argument("--hf-job", choices=["fp32", "bf16"], help="run hf_job alone (what --whole launches)")
     p.add_argument("--out", default=None, help="--hf-job: where save_pretrained writes")
     args = p.parse_args()

@@ -66,7 +66,7 @@ def attention_torch(q, k, v, *, scale, softcap=None, window=None, attention_mask
         # gets a harmless uniform average instead of NaN.
         s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
         p = torch.softmax(s, dim=-1)                             # fp32 softmax
-        o = p.to(v.dtype).view(B, K, G * T, T) @ v               # (B, K, G T, E)
+        o = backend.matmul(p.to(v.dtype).view(B, K, G * T, T), v)   # (B, K, G T, E)
         return o.view(B, H, T, E)
 
 

@@ -7,12 +7,20 @@ work where Triton is not installed.
 
 Tests that must run the whole model through the kernels on a CPU (in Triton's interpreter) say so explicitly,
 for a `with` block: `with backend.forced("triton"): model(ids)`. Nothing else changes the choice.
+
+The same holds for bf16 matmuls (`linear`, `matmul`): torch's bf16 kernels where the hardware has bf16 matrix
+instructions (a GPU; a CPU with AMX or AVX512-BF16); on a CPU without them torch falls back to kernels that ran
+about 50x slower than fp32 on a 2-core AMD EPYC (1-2 GFLOP/s against 74-92: bench/README.md), so there the same
+bf16 values go through the fp32 kernel and the product is rounded to bf16. Both multiply bf16 numbers exactly,
+accumulate in fp32 and round the result to bf16: the numbers are a bf16 matmul's up to the order of the sums.
 """
 import contextlib
 import functools
 import os
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # Triton reads the same variable when it is first imported and when each @triton.jit decorator runs (then it
 # interprets the kernels on the CPU instead of compiling them). This is our only read of it: tests set it in
@@ -81,3 +89,48 @@ def capability(x):
     """x's GPU generation, e.g. (8, 0) for an A100, (9, 0) for an H100: the tile configurations depend on it
     (shared memory per block, tensor-core instructions). None under the interpreter."""
     return torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+
+
+# --- bf16 matmuls: the CPU's bf16 matrix instructions, or fp32 kernels on bf16 values ---------------------
+
+@functools.cache
+def cpu_flags():
+    """The CPU's feature flags (Linux: /proc/cpuinfo), an empty set where they cannot be read; read once."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_isa(flags=None):
+    """The CPU's bf16 matrix instructions: "AMX" (amx_bf16: tile matmuls, ~7x fp32 at our shapes), "AVX512-BF16"
+    (avx512_bf16: bf16 dot products, ~2-3x fp32), or "neither" (torch's bf16 matmuls are slow fallbacks there)."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return "neither"
+
+
+def bf16_on_fp32_kernels(x):
+    """Whether a bf16 matmul reading x runs as an fp32 matmul of the same values (module docstring): x is bf16 on a
+    CPU without bf16 matrix instructions."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_isa() == "neither"
+
+
+def linear(x, w, b=None):
+    """F.linear(x, w, b) for x, w (and b) of one low-precision dtype, the result in that dtype: y = x w^T + b."""
+    if bf16_on_fp32_kernels(x):                                # fp32 product of bf16 values, rounded once
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    return F.linear(x, w, b)
+
+
+def matmul(a, b):
+    """a @ b, as linear() for two tensors of one dtype."""
+    if bf16_on_fp32_kernels(a):
+        return (a.float() @ b.float()).to(a.dtype)
+    return a @ b

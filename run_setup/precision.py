@@ -3,7 +3,8 @@
 Master weights, Adam's moments, norms, RoPE, the attention scores and softmax, logits and loss are fp32 whatever
 the policy (STYLE rule 6). What `bfloat16` changes is the training steps' matmuls of the projections (q, k, v, o,
 gate, up, down), the attention's probabilities times V and the frozen head's training matmul: they read bf16 copies
-of the weights and bf16 activations, and accumulate in fp32 inside the CPU's (or GPU's) bf16 instructions. The
+of the weights and bf16 activations, and accumulate in fp32 inside the CPU's (or GPU's) bf16 instructions (on a
+CPU without them, fp32 kernels multiply the same bf16 values: fused_kernels/backend.py's linear and matmul). The
 ranks are evaluated in fp32 all the same (fp32(): evaluations in bf16 gave other ranks than fp32 on 1-11 prompts of
 most of the report's splits, BF16_CHECKS_HOLD), so a bf16 run's ranks differ from an fp32 run's only by what its
 training did; the scores (scores.py, exact.py) are fp32 always.
@@ -26,22 +27,12 @@ from pathlib import Path
 import torch
 
 import model as M
+from fused_kernels.backend import cpu_flags, cpu_isa   # noqa: F401 (this module's names too)
 
 DTYPES = ("float32", "bfloat16")
 
 
-# --- the CPU: its name, its bf16 matrix instructions --------------------------------------------------------
-
-def cpu_flags():
-    """The CPU's feature flags (Linux: /proc/cpuinfo), an empty set where they cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
+# --- the CPU: its name (its bf16 matrix instructions: fused_kernels/backend.py's cpu_isa) ------------------
 
 def cpu_name():
     """The processor's model name (Linux: /proc/cpuinfo; elsewhere platform.processor()): the last digits of a
@@ -55,24 +46,14 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def cpu_isa(flags=None):
-    """The CPU's bf16 matrix instructions: "AMX" (amx_bf16: tile matmuls, ~7x fp32 at our shapes), "AVX512-BF16"
-    (avx512_bf16: bf16 dot products, ~2-3x fp32), or "neither" (bf16 is converted to fp32 and is slower)."""
-    flags = cpu_flags() if flags is None else flags
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    return "neither"
-
-
 # Whether bf16 passed the checks that would make it a default (measured 2026-12-05, AMX Xeon, default cell): it did
 # not. Per-prompt ranks evaluated in bf16 differ from fp32 on 1-11 prompts of most splits of the report's datasets
 # (base model: first hop facts 10.70 -> 10.85), and eq. 6's upstream scores in bf16 correlate r 0.998 (heads) with
-# fp32's, under the 0.999 asked. So evaluations and scores stay fp32 (fp32()); what would make bf16 the training
-# default now is the report's verdicts unchanged by bf16 training, which is not measured yet (a bf16 report run on
-# an AMX machine; the default cell trained in bf16 ended at implications 1.70 against fp32's 1.45, with the earlier
-# names and evaluated in bf16).
+# fp32's, under the 0.999 asked. So evaluations and scores stay fp32 (fp32()). bf16 training moved no verdict: the
+# 3-seed report without the graft sweep, every finetune in bf16 (on an AMD EPYC, fp32 kernels on bf16 values:
+# backend.linear), gave fp32's verdicts on all nine claims, though some numbers moved (the authors' Fig. 6 MLP r
+# +0.26 -> +0.01, inconclusive both ways; bench/README.md). It stays opt-in all the same: on the AMX Xeon our bf16
+# finetune was no faster than fp32 (91 s against 74 s under load), so it would change the numbers for no gain.
 BF16_CHECKS_HOLD = False
 
 
@@ -88,13 +69,14 @@ def default_dtype(device, system=None, isa=None, checks_hold=None):
 
 
 def slow_bf16(device, dtype, isa=None):
-    """A one-line warning when bf16 matmuls were asked for on a CPU without bf16 matrix instructions, where torch
-    runs them in slow fallback kernels (measured on a 2-core AMD EPYC with AVX2 only: a bf16 matmul at the
-    finetune's shapes 1 GFLOP/s against fp32's 74, the finetune 8x slower: bench/README.md); None otherwise."""
+    """A one-line note when bf16 matmuls were asked for on a CPU without bf16 matrix instructions: there they run as
+    fp32 kernels on bf16 values (backend.bf16_on_fp32_kernels; torch's own bf16 kernels ran the finetune 8x slower
+    than fp32 on a 2-core AMD EPYC with AVX2 only), which gives bf16's numbers but no speed; None otherwise."""
     isa = cpu_isa() if isa is None else isa
     if dtype == "bfloat16" and torch.device(device).type == "cpu" and isa == "neither":
         return (f"--dtype bfloat16 on {cpu_name()}: this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), "
-                f"so bf16 matmuls run several times slower than fp32 here; --dtype float32 is the fast choice")
+                f"so bf16 matmuls run as fp32 kernels on bf16 values, slower than fp32 (the casts); --dtype float32 "
+                f"is the fast choice")
     return None
 
 

@@ -30,8 +30,8 @@ def test_isa_and_default_dtype():
 
 
 def test_bf16_without_matrix_instructions_warns():
-    """bf16 on a CPU without bf16 matrix instructions runs in torch's slow fallback kernels (8x slower than fp32 on
-    an AVX2 EPYC): the finetune says so in one line; nowhere else."""
+    """bf16 on a CPU without bf16 matrix instructions runs as fp32 kernels on bf16 values (no faster than fp32): the
+    finetune says so in one line; nowhere else."""
     assert "no bf16 matrix instructions" in precision.slow_bf16("cpu", "bfloat16", "neither")
     assert precision.slow_bf16("cpu", "bfloat16", "AMX") is None
     assert precision.slow_bf16("cpu", "bfloat16", "AVX512-BF16") is None
@@ -148,3 +148,74 @@ def test_evaluation_is_fp32_under_bf16_copies(tiny_dir, monkeypatch):
     with precision.matmuls(m, "bfloat16"):
         train.evaluate(m, tok, {"facts": ex}, train.Settings(dtype="bfloat16"))
     assert seen == [False]
+
+
+class MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtype of every matrix product torch runs inside the `with` block (aten mm, addmm, bmm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.seen.add(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_matmul_on_fp32_kernels_is_a_bf16_matmul(monkeypatch):
+    """backend.linear / matmul on a CPU without bf16 matrix instructions: fp32 kernels on the bf16 values, the product
+    rounded to bf16. Like torch's bf16 kernel (the dispatch forced to it by naming the CPU "AMX"), every entry is the
+    exact product rounded to bf16, give or take one bf16 step (fp32 sums in another order); neither is the fp32
+    product, which is no bf16 number. Only bf16 CPU tensors on such a CPU take this path."""
+    from fused_kernels import backend
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((37, 300), (150, 300), (150,)))
+    xw = x.double() @ w.double().T                                            # (37, 150): no rounding at all
+    refs = (xw + b.double(), xw)                                              # linear with bias, matmul
+    # one bf16 step (2^-8 of the value: the rounding), and what 300 fp32 additions can lose (near-cancelling sums)
+    bound = x.double().abs() @ w.double().abs().T
+    steps = [r.abs() * 2 ** -8 + 300 * 2 ** -24 * bd for r, bd in ((refs[0], bound + b.double().abs()), (xw, bound))]
+    for isa in ("neither", "AMX"):
+        monkeypatch.setattr(backend, "cpu_isa", lambda flags=None: isa)
+        assert backend.bf16_on_fp32_kernels(x) == (isa == "neither")
+        with MatmulDtypes() as seen:
+            out = (backend.linear(x, w, b), backend.matmul(x, w.T))
+        assert seen.seen == ({torch.float32} if isa == "neither" else {torch.bfloat16}), isa
+        for y, ref, step in zip(out, refs, steps):
+            assert y.dtype == torch.bfloat16
+            assert ((y.double() - ref).abs() <= step).all(), isa                # within one bf16 step
+            assert (y == ref.to(torch.bfloat16)).float().mean() > 0.9, isa     # mostly the rounded exact product
+    assert not backend.bf16_on_fp32_kernels(x.float())                       # fp32 stays fp32's kernel
+    assert not backend.bf16_on_fp32_kernels(x.to("meta"))                   # not a CPU tensor
+
+
+def test_bf16_training_on_fp32_kernels(tiny_dir, monkeypatch):
+    """A bf16 training step on a CPU without bf16 matrix instructions runs no bf16 matmul (so none of torch's slow
+    fallbacks), and its loss and gradients are the bf16 kernels' within what bf16's order of sums moves them
+    (the same 3% of the largest entry as autocast against the copies above), further from fp32 than from them."""
+    from fused_kernels import backend
+    m = C.from_pretrained(tiny_dir)
+    tok = C.load_tokenizer(tiny_dir)
+    ids, mask, labels = data.encode_examples(tok, data.load_dataset("first_hop")["facts"][:8])
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith("model.layers."))
+
+    def step(isa, dtype="bfloat16"):
+        monkeypatch.setattr(backend, "cpu_isa", lambda flags=None: isa)
+        m.zero_grad(set_to_none=True)
+        with precision.matmuls(m, dtype) as copies, MatmulDtypes() as seen:
+            loss = train.answer_loss(m, ids, mask, labels, head=copies and copies.head)
+            loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, seen.seen
+
+    l_emu, g_emu, seen_emu = step("neither")
+    l_bf, g_bf, seen_bf = step("AMX")
+    l32, g32, _ = step("neither", "float32")
+    assert seen_emu == {torch.float32} and torch.bfloat16 in seen_bf
+    assert abs(l_emu - l_bf) < 1e-2 * abs(l_bf)
+    for n in g32:
+        scale = g_bf[n].abs().max().item()
+        assert (g_emu[n] - g_bf[n]).abs().max().item() < 3e-2 * scale, n
+    off = lambda g: sum((g[n] - g32[n]).norm().item() for n in g32)
+    assert off(g_emu) > 0 and off(g_bf) > 0                                  # both bf16: neither is fp32
