@@ -77,7 +77,9 @@ def matmul_dtype(x, proj):
 class LowpMatmul(torch.autograd.Function):
     """y = x W^T + b from a low-precision copy of W (and b), whose gradient goes to the fp32 master W: the forward
     and both backward matmuls read the copy, so no weight is cast per matmul (run_setup/precision.py keeps the
-    copy fresh). The weight gradient is computed in the copy's dtype, as autocast's is, and cast to fp32 once.
+    copy fresh). The weight gradient is the product of the same bf16 values by an fp32 kernel, returned in fp32:
+    autocast's is a bf16 matmul whose result is rounded to bf16 and then cast to fp32 for the master (one more
+    write and read of every weight's size a step: 2-3% of an AMX Xeon's step, bench/README.md); ours is not rounded.
     backend.linear / matmul: torch's bf16 kernels, or on a CPU without bf16 instructions fp32 ones on bf16 values."""
 
     @staticmethod
@@ -94,7 +96,7 @@ class LowpMatmul(torch.autograd.Function):
         gx = backend.matmul(g, w) if ctx.needs_input_grad[0] else None                # (..., I)
         gw = gb = None
         if ctx.needs_input_grad[1]:
-            gw = backend.matmul(g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1])).float()  # (O, I)
+            gw = g.reshape(-1, g.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # (O, I) fp32
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.reshape(-1, g.shape[-1]).float().sum(0)        # (O,) summed in fp32
         return gx, gw, gb, None, None

@@ -13,8 +13,8 @@ Why copies and not autocast: autocast casts every fp32 weight at every matmul th
 use, trained ones once per forward), 64,681 casts and 2.4 s of a 14 s default finetune on an AMX Xeon
 (../shared/profile-default-finetune.md). Here each weight is cast once when a phase starts and refreshed in place
 right after Adam updates it (AdamInBackward's after_step, while the weight is still in cache): once per
-optimizer step. model.Linear's backward writes the weight's gradient (computed in bf16, as autocast's is) into
-the fp32 master's gradient, which Adam reads.
+optimizer step. model.Linear's backward writes the weight's gradient (the bf16 values' product, accumulated and kept
+in fp32: autocast's is rounded to bf16) into the fp32 master's gradient, which Adam reads.
 
 The default (default_dtype): bf16 on a Linux CPU with bf16 matrix instructions (AMX or AVX512-BF16) only if the
 bf16 checks hold (BF16_CHECKS_HOLD); they did not, so the default is fp32 everywhere for now; `--dtype bfloat16`

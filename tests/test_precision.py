@@ -82,6 +82,25 @@ def tiny_dir(tmp_path_factory, make_tiny):
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.mark.parametrize("isa", ["AMX", "neither"])                        # torch's bf16 kernels, or fp32 ones
+def test_weight_gradient_is_the_fp32_product_of_the_bf16_values(monkeypatch, isa):
+    """model.LowpMatmul's weight gradient: the bf16 inputs and output gradient multiplied and summed in fp32 and
+    handed to the fp32 master as they are, not rounded to bf16 (autocast's is: off by up to 2^-9 of an entry)."""
+    from fused_kernels import backend
+    monkeypatch.setattr(backend, "cpu_isa", lambda flags=None: isa)
+    g = torch.Generator().manual_seed(0)
+    lin = M.Linear(96, 40, bias=True)
+    lin.lowp, lin.lowp_bias = lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
+    x = torch.randn(3, 7, 96, generator=g).bfloat16()                         # bf16 numbers: cast exactly
+    c = torch.randn(3, 7, 40, generator=g).bfloat16()                         # the output's gradient, bf16 numbers
+    (lin(x).float() * c.float()).sum().backward()
+    exact = c.double().reshape(-1, 40).T @ x.double().reshape(-1, 96)          # (40, 96), no rounding at all
+    assert lin.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(lin.weight.grad.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    assert not torch.equal(lin.weight.grad, exact.bfloat16().float())         # not the bf16-rounded product
+    torch.testing.assert_close(lin.bias.grad.double(), c.double().sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
 def test_copies_are_refreshed_by_each_step(tiny_dir):
     """After every optimizer step each trained weight's copy is that weight rounded to bf16; frozen ones unchanged."""
     m = C.from_pretrained(tiny_dir)
