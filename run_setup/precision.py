@@ -53,7 +53,8 @@ def cpu_name():
 # 3-seed report without the graft sweep, every finetune in bf16 (on an AMD EPYC, fp32 kernels on bf16 values:
 # backend.linear), gave fp32's verdicts on all nine claims, though some numbers moved (the authors' Fig. 6 MLP r
 # +0.26 -> +0.01, inconclusive both ways; bench/README.md). It stays opt-in all the same: on the AMX Xeon our bf16
-# finetune was no faster than fp32 (91 s against 74 s under load), so it would change the numbers for no gain.
+# finetune was no faster than fp32 (whole default job, idle: 30.8 s against 29.0 s; the step, 48 tokens, is bound by
+# memory traffic: Adam's and the copies', bench/README.md), so it would change the numbers for no gain.
 BF16_CHECKS_HOLD = False
 
 
