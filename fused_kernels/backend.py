@@ -94,15 +94,22 @@ def capability(x):
 # --- bf16 matmuls: the CPU's bf16 matrix instructions, or fp32 kernels on bf16 values ---------------------
 
 @functools.cache
-def cpu_flags():
-    """The CPU's feature flags (Linux: /proc/cpuinfo), an empty set where they cannot be read; read once."""
+def cpuinfo(field):
+    """The value of `field` ("flags", "model name") on the first CPU's line of /proc/cpuinfo (Linux), or None where
+    it cannot be read (macOS, say); read once a field."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.cache
+def cpu_flags():
+    """The CPU's feature flags, an empty set where they cannot be read; a set made once (every bf16 matmul asks)."""
+    return frozenset((cpuinfo("flags") or "").split())
 
 
 def cpu_isa(flags=None):

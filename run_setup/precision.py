@@ -22,12 +22,11 @@ opts in. Every run records the choice and the CPU's ISA (describe()) in its sett
 """
 import contextlib
 import platform
-from pathlib import Path
 
 import torch
 
 import model as M
-from fused_kernels.backend import cpu_flags, cpu_isa   # noqa: F401 (this module's names too)
+from fused_kernels.backend import cpu_isa, cpuinfo   # cpu_isa: this module's name too (report.py)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -37,13 +36,7 @@ DTYPES = ("float32", "bfloat16")
 def cpu_name():
     """The processor's model name (Linux: /proc/cpuinfo; elsewhere platform.processor()): the last digits of a
     training run depend on it, on its ISA and on the thread count, so runs and the report name them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 # Whether bf16 passed the checks that would make it a default (measured 2026-12-05, AMX Xeon, default cell): it did
