@@ -39,6 +39,7 @@ from checkpoint_io.checkpoint import (DEFAULT_NAME, UserError, check_finite, che
                                      from_pretrained, load_config, load_tokenizer, multimodal, open_shard, read_json,
                                      resolve, safetensors_files, text_keys)
 from checkpoint_io.outputs import atomic_dir, check_output, save_figure, work_dir, write_json
+from paper_report import sweep
 from paper_report.paper import TABLE3 as PAPER_TABLE3, TABLE3_COLS
 from paper_report.stats import fig6_stats, show
 
@@ -202,17 +203,17 @@ def scatter(fig6, seed, path):
     save_figure(fig, path)
 
 
-def work_settings(model, seed, device, overwrite=False, lr=None, epochs=8, schedule="warmup_linear"):
+def work_settings(model, seed, device, overwrite=False, lr=None, epochs=8, schedule="warmup_linear", eval="epochs"):
     """train.py's defaults for the experiment's stages (lr None: train.default_lr)."""
     return train.Settings(model=str(model), seed=seed, device=device, threads=torch.get_num_threads(),
-                          overwrite=overwrite, lr=lr, epochs=epochs, schedule=schedule)
+                          overwrite=overwrite, lr=lr, epochs=epochs, schedule=schedule, eval=eval)
 
 
 def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=print, load_base=None, lr=None,
-               epochs=8, revision=None, schedule="warmup_linear"):
+               epochs=8, revision=None, schedule="warmup_linear", eval="epochs"):
     """Table 3 and Fig. 6 (Sec. 6.2) into the work directory `out`. `load_base()`: the base model, loaded (report.py's,
-    loaded once for all its stages; default: loaded here); `lr`, `epochs`: every stage's training (default:
-    train.py's); `revision`: the hub id `model`'s. Under torchrun every rank calls it (module docstring)."""
+    loaded once for all its stages; default: loaded here); `lr`, `epochs`, `schedule`, `eval`: every stage's training
+    (default: train.py's); `revision`: the hub id `model`'s. Under torchrun every rank calls it (module docstring)."""
     device = dist.init(device)                                    # torchrun: join the process group, if not yet
     log = dist.main_log(log)
     base = resolve(model, revision)                               # a wrong model or revision: before any write
@@ -222,7 +223,7 @@ def experiment(model=DEFAULT_NAME, seed=0, out="runs/graft", device="cpu", log=p
     t0 = time.time()
     d = data.load_dataset("daxwug", seed=seed)
     F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
-    s = work_settings(model, seed, device, lr=lr, epochs=epochs, schedule=schedule)
+    s = work_settings(model, seed, device, lr=lr, epochs=epochs, schedule=schedule, eval=eval)
     times = {}
 
     def timed(name, fn):
@@ -325,6 +326,37 @@ def ordering(order, s, w, log=print):
         built.append(out / phase)
     dist.on_main(write_json, out / "metrics.json", {"order": order, "seed": s.seed, "records": records,
                                                     "built_from": [str(d) for d in built]})
+
+
+def sweep_stages(s: train.Settings, w, base, log, lrs=None):
+    """report.py's stages of the graft sweep (paper_report/sweep.py), seed s.seed, whose work directory is `w`: (name,
+    output, action) of the graft chain's W_F, W_F,ImplF and W_F' at each cell, in the cell's graft/ directory, where
+    experiment() reuses them, evaluated after their last epoch only (the sweep reads nothing else). At a constant
+    rate a shorter cell's W_F and W_F' are the longest cell's after as many epochs (train.train_phase's snapshots):
+    one W_F and one W_F' run per lr give every cell's."""
+    d = data.load_dataset("daxwug", seed=s.seed)
+    F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
+    longest, out = max(sweep.GRAFT_EPOCHS), []
+    for lr in lrs or sweep.GRAFT_LRS:
+        g = {ep: sweep.premise_dir(w, (lr, ep)) / "graft" for ep in sweep.GRAFT_EPOCHS}
+        c = {ep: dataclasses.replace(s, lr=lr, epochs=ep, schedule="constant", eval="final")
+             for ep in sweep.GRAFT_EPOCHS}
+
+        def stage(start, ex, other, name, ep, snap=False, c=c, g=g):     # in the cell's directory
+            for d in g.values():
+                dist.on_main(work_dir, d, "graft-experiment")
+            if callable(start):                                   # the base: torchrun loads it sharded, by name
+                start = resolve(s.model) if dist.world_size() > 1 else start()
+            shorter = {k: g[k] / name for k in g if k < ep} if snap else {}
+            train_stage(start, ex, other, g[ep] / name, c[ep], log, snapshots=shorter)
+        out += [(f"graft_sweep_lr{lr:g}_W_F", g[longest] / "W_F" / "metrics.json",
+                 lambda st=stage: st(base, F, IF, "W_F", longest, snap=True)),
+                (f"graft_sweep_lr{lr:g}_W_Fp", g[longest] / "W_Fp" / "metrics.json",
+                 lambda st=stage: st(base, Fp, IFp, "W_Fp", longest, snap=True))]
+        out += [(f"graft_sweep_lr{lr:g}_ep{ep}_W_F_ImplF", g[ep] / "W_F_ImplF" / "metrics.json",
+                 lambda st=stage, g=g, ep=ep: st(g[ep] / "W_F", IF, F, "W_F_ImplF", ep))
+                for ep in sweep.GRAFT_EPOCHS]
+    return out
 
 
 def main(argv=None):

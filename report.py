@@ -18,7 +18,8 @@ alone logs and writes, and after every stage the ranks agree on whether it worke
     {hop}_{early,late}_pre         train.py --freeze X --freeze-when pre: Table 2 Early (pre) / Late (pre)
     graft                          graft.experiment: Table 3, Fig. 6, and Fig. 4's facts-first ordering
     daxwug_impl_first              Fig. 4: graft's W_ImplF, then train facts, then test facts (graft.ordering)
-    daxwug_joint                   train.py --dataset daxwug --order joint: Fig. 4
+    daxwug_joint                   train.py --dataset daxwug --order joint: Fig. 4 (a group of its own, run last:
+                                   plan)
     daxwug_facts_first_replay      Fig. 4's facts-first with the facts replayed in the implication phase, the control
                                    for forgetting F (beyond the paper): graft's W_F, then Impl F + F, then test facts
     preconditions.json             preconditions.base_knowledge: does the base model know the hops the claims need
@@ -117,7 +118,8 @@ def stages(model, seed, w, base, device):
                     lambda hop=hop: freeze_post(model, w / hop, hop, seed, w / f"freeze_post_{hop}.json", device)))
         for which in ("early", "late"):
             d = w / f"{hop}_{which}_pre"
-            out.append((d.name, d / "metrics.json", fine(d, dataset=hop, freeze=which, freeze_when="pre")))
+            out.append((d.name, d / "metrics.json",            # Table 2 reads its last ranks only
+                        fine(d, dataset=hop, freeze=which, freeze_when="pre", eval="final")))
     out.append(("salience", w / "salience.json", lambda: of_base(
         base, w / "salience.json", preconditions.salience, {hop: w / hop for hop in HOPS}, seed, device)))
     # eqs. 1-3 by real interventions, on 4 prompts: about 20 min here, so one seed; one process only (exact.py
@@ -125,72 +127,55 @@ def stages(model, seed, w, base, device):
     if seed == 0 and dist.launched() == 1:
         out.append(("exact_first_hop", w / "exact_first_hop" / "exact.json", lambda: exact.run(
             model, w / "first_hop", w / "exact_first_hop", device=device, log=log)))
-    return out + graft_and_orderings(model, s, w, base, device)
+    return out + graft_and_orderings(model, s, w, base, device)     # the joint ordering: an item of its own
 
 
 def graft_and_orderings(model, s: train.Settings, w, base, device, prefix=""):
-    """(name, output, action) of the graft experiment (Table 3, Fig. 6, Fig. 4's facts-first) and the other Fig. 4
-    orderings under `w`, trained with `s`'s lr and epochs; stage names start with `prefix`."""
-    fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
-    out = [(prefix + "graft", w / "graft" / "results.json", lambda: graft.experiment(
-               model, s.seed, w / "graft", device, log, load_base=base, lr=s.lr, epochs=s.epochs,
-               schedule=s.schedule)),
-           (prefix + "daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json",
-            lambda: graft.ordering("impl_first", s, w, log)),
-           (prefix + "daxwug_joint", w / "daxwug_joint" / "metrics.json",
-            fine(w / "daxwug_joint", dataset="daxwug", order="joint")),
-           (prefix + "daxwug_facts_first_replay", w / "daxwug_facts_first_replay" / "metrics.json",
-            lambda: graft.ordering("facts_first_replay", s, w, log))]
-    return out
+    """(name, output, action) of the graft experiment (Table 3, Fig. 6, Fig. 4's facts-first) and the Fig. 4
+    orderings that start from its stages, under `w`, trained with `s`'s lr, epochs, schedule and evaluation; stage
+    names start with `prefix`. The joint ordering, which starts from the base, is joint_stage's."""
+    return [(prefix + "graft", w / "graft" / "results.json", lambda: graft.experiment(
+                model, s.seed, w / "graft", device, log, load_base=base, lr=s.lr, epochs=s.epochs,
+                schedule=s.schedule, eval=s.eval)),
+            (prefix + "daxwug_impl_first", w / "daxwug_impl_first" / "metrics.json",
+             lambda: graft.ordering("impl_first", s, w, log)),
+            (prefix + "daxwug_facts_first_replay", w / "daxwug_facts_first_replay" / "metrics.json",
+             lambda: graft.ordering("facts_first_replay", s, w, log))]
 
 
-def graft_sweep_stages(s: train.Settings, w, base, lrs=None):
-    """(name, output, action) of the graft sweep's cells (paper_report/sweep.py) for seed s.seed, whose work
-    directory is `w`: the graft chain's W_F, W_F,ImplF and W_F' at each cell, in the cell's graft/ directory, where
-    graft.experiment reuses them. At a constant rate a shorter cell's W_F and W_F' are the longest cell's after as
-    many epochs (train.train_phase's snapshots): one W_F and one W_F' run per lr give every cell's."""
-    d = data.load_dataset("daxwug", seed=s.seed)
-    F, IF, Fp, IFp = d["train_facts"], d["train_impls"], d["cf_facts"], d["cf_impls"]
-    longest, out = max(sweep.GRAFT_EPOCHS), []
-    for lr in lrs or sweep.GRAFT_LRS:
-        g = {ep: sweep.premise_dir(w, (lr, ep)) / "graft" for ep in sweep.GRAFT_EPOCHS}
-        c = {ep: dataclasses.replace(s, lr=lr, epochs=ep, schedule="constant") for ep in sweep.GRAFT_EPOCHS}
-        # W_F' is read only at its end, as in graft.experiment: its ranks after the last epoch (and each snapshot's)
-
-        def stage(start, ex, other, name, ep, final=False, snap=False, c=c, g=g):   # in the cell's directory
-            for d in g.values():
-                dist.on_main(work_dir, d, "graft-experiment")
-            if callable(start):                                   # the base: torchrun loads it sharded, by name
-                start = resolve(s.model) if dist.world_size() > 1 else start()
-            shorter = {k: g[k] / name for k in g if k < ep} if snap else {}
-            settings = dataclasses.replace(c[ep], eval="final") if final else c[ep]
-            graft.train_stage(start, ex, other, g[ep] / name, settings, log, snapshots=shorter)
-        out += [(f"graft_sweep_lr{lr:g}_W_F", g[longest] / "W_F" / "metrics.json",
-                 lambda st=stage: st(base, F, IF, "W_F", longest, snap=True)),
-                (f"graft_sweep_lr{lr:g}_W_Fp", g[longest] / "W_Fp" / "metrics.json",
-                 lambda st=stage: st(base, Fp, IFp, "W_Fp", longest, final=True, snap=True))]
-        out += [(f"graft_sweep_lr{lr:g}_ep{ep}_W_F_ImplF", g[ep] / "W_F_ImplF" / "metrics.json",
-                 lambda st=stage, g=g, ep=ep: st(g[ep] / "W_F", IF, F, "W_F_ImplF", ep)) for ep in sweep.GRAFT_EPOCHS]
-    return out
+def joint_stage(s: train.Settings, w, base, prefix=""):
+    """(name, output, action) of Fig. 4's joint ordering under `w` (train.py --dataset daxwug --order joint)."""
+    return [(prefix + "daxwug_joint", w / "daxwug_joint" / "metrics.json",
+             lambda: finetune_stage(base, dataclasses.replace(s, out=str(w / "daxwug_joint"), dataset="daxwug",
+                                                              order="joint")))]
 
 
-def premise_stages(model, s: train.Settings, w, base, device, cell):
-    """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the graft sweep's premise cell,
-    at a constant rate as the sweep."""
-    s = dataclasses.replace(s, lr=cell[0], epochs=cell[1], schedule="constant")
-    return graft_and_orderings(model, s, sweep.premise_dir(w, cell), base, device, prefix="authors_")
+def cell_settings(s: train.Settings, cell, **kw):
+    """`s` at the cell (lr, epochs), evaluated after each phase's last epoch only: at the premise and the gentle cell
+    REPORT.md reads no other record (it draws no curve of them), and the weights are the same (tests/test_sweep.py)."""
+    return dataclasses.replace(s, lr=cell[0], epochs=cell[1], eval="final", **kw)
+
+
+def premise_stages(model, s: train.Settings, w, base, device, cell, joint=False):
+    """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the graft sweep's premise cell, at a
+    constant rate as the sweep; `joint`: its joint ordering instead (an item of its own)."""
+    s = cell_settings(s, cell, schedule="constant")
+    w = sweep.premise_dir(w, cell)
+    return joint_stage(s, w, base, "authors_") if joint else graft_and_orderings(model, s, w, base, device, "authors_")
 
 
 def gentle_stages(model, s: train.Settings, w, base, device, cell):
     """(name, output, action) of one seed's Fig. 4 / Table 3 / Fig. 6 stages at the gentle cell (lr, epochs)."""
-    s = dataclasses.replace(s, lr=cell[0], epochs=cell[1])
-    return graft_and_orderings(model, s, sweep.gentle_dir(w, cell), base, device, prefix="gentle_")
+    s, w = cell_settings(s, cell), sweep.gentle_dir(w, cell)
+    return graft_and_orderings(model, s, w, base, device, "gentle_") + joint_stage(s, w, base, "gentle_")
 
 
 # --- the plan: which groups of stages run, in which order, on how many workers ------------------------------
 
 def plan(seeds, grid=False, grid_only=False, every=None, graft_sweep=False):
-    """The items of a run, in the order one process runs them (and workers take them up)."""
+    """The items of a run, in the order one process runs them (and workers take them up): Fig. 4's joint orderings,
+    short and reading nothing but the base (premise_joint: and the sweep, for its cell), come last, where they fill
+    in while the other worker ends a long item."""
     every = every or seeds
     items = [Item("sweep", every[0], lr) for lr in sweep.GRAFT_LRS] if graft_sweep and every[0] in seeds else []
     swept = tuple(i.key for i in items)
@@ -203,6 +188,9 @@ def plan(seeds, grid=False, grid_only=False, every=None, graft_sweep=False):
         grids = tuple(i.key for i in items if i.kind == "grid")
         own = lambda seed: tuple(i.key for i in items if i.seed == seed and i.kind in ("seed", "premise"))
         items += [Item("gentle", seed, after=grids + own(seed)) for seed in seeds]
+    if not grid_only:
+        items += [Item("joint", seed) for seed in seeds]
+        items += [Item("premise_joint", seed, after=swept) for seed in seeds] if graft_sweep else []
     return items
 
 
@@ -214,19 +202,23 @@ def run_item(model, work, device, item, every, base):
     s = graft.work_settings(model, seed, device)
     if item.kind == "sweep":                                      # the cells live beside seed{s}/graft_sweep
         dist.on_main(work_dir, w / "graft_sweep", "report-work")
-        run_list(seed, w / "graft_sweep", graft_sweep_stages(s, w, base, lrs=(item.lr,)),
+        run_list(seed, w / "graft_sweep", graft.sweep_stages(s, w, base, log, lrs=(item.lr,)),
                  f"stage_times_lr{item.lr:g}.json")
     elif item.kind == "seed":
         run_list(seed, w, stages(model, seed, w, base, device))
     elif item.kind == "grid":
         run_list(seed, w / "grid", sweep.grid_stages(s, w, base, log))
-    elif item.kind == "premise":
+    elif item.kind == "joint":                                    # its own times file: it runs beside the seed's
+        run_list(seed, w, joint_stage(s, w, base), "stage_times_joint.json")
+    elif item.kind in ("premise", "premise_joint"):
         cell = sweep.premise_cell(sweep.collect_graft_sweep(work / f"seed{every[0]}"))
         if cell is None:
             return log(f"seed {seed}: the graft sweep is incomplete, or the premise holds at no cell: its premise "
                        "stages are skipped")
         log(f"seed {seed}: the graft sweep's premise cell is lr {cell[0]:g} x {cell[1]} epochs (constant rate)")
-        run_list(seed, w, premise_stages(model, s, w, base, device, cell))
+        joint = item.kind == "premise_joint"
+        run_list(seed, w, premise_stages(model, s, w, base, device, cell, joint),
+                 "stage_times_premise_joint.json" if joint else "stage_times.json")
     elif item.kind == "gentle":
         cell = sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
         if cell is None:
@@ -240,9 +232,10 @@ def run_stages(model, seeds, work, device="cpu", grid=False, grid_only=False, al
                workers=1, threads=None):
     """Run what is not done yet; every stage's time, status and error go to seed{s}/stage_times.json (the grid's
     to seed{s}/grid/stage_times.json, so that `--grid-only` in a second process never writes the same file; the
-    sweep's, one file per lr, under seed{s}/graft_sweep). The gentle cell is chosen on the grids of `all_seeds`
-    (default `seeds`: `--only-seeds` runs some of the report's seeds). Under torchrun every rank calls it (module
-    docstring). `workers` > 1: plan()'s items on that many processes sharing `threads` (run_setup/workers.py)."""
+    sweep's, one file per lr, under seed{s}/graft_sweep; the joint orderings', seed{s}/stage_times_*joint.json). The
+    gentle cell is chosen on the grids of `all_seeds` (default `seeds`: `--only-seeds` runs some of the report's
+    seeds). Under torchrun every rank calls it (module docstring). `workers` > 1: plan()'s items on that many
+    processes sharing `threads` (run_setup/workers.py)."""
     device = dist.init(device)                                    # torchrun: join the process group, if not yet
     if dist.world_size() > 1:                                     # before any stage: as many ranks as blocks at most
         if workers > 1:

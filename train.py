@@ -180,7 +180,7 @@ def train_phase(model, tok, examples, evals, params, s: Settings, phase, log, co
     precision.matmuls' bf16 weight copies, refreshed after each update. `snapshots`: {k: fn(records)}, called after
     epoch k (evaluated then, whatever s.eval) with a k-epoch run's records: at a constant rate a longer run's first k
     epochs are the k-epoch run (the same batches, rate, Adam state), so one 16-epoch run also gives the 8-epoch model
-    (the graft sweep's cells, report.graft_sweep_stages)."""
+    (the graft sweep's cells, graft.sweep_stages)."""
     device = next(model.parameters()).device
     ids, mask, labels = (t.to(device) for t in data.encode_examples(tok, examples))   # (N, T) each
     N, B = len(examples), s.batch_size

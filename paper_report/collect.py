@@ -4,7 +4,7 @@ entry per seed, None where that seed's stage failed or did not run, so that two 
 Layout under --work/seed{s}: first_hop/ and second_hop/metrics.json (train.py), scores_{hop}/scores.safetensors
 (scores.py), freeze_post_{hop}.json, {hop}_{early,late}_pre/metrics.json, graft/results.json (graft.py
 --experiment), daxwug_{impl_first,joint,facts_first_replay}/metrics.json, preconditions.json (the base model's
-knowledge, preconditions.base_knowledge), salience.json (preconditions.salience), stage_times.json; with --grid,
+knowledge, preconditions.base_knowledge), salience.json (preconditions.salience), stage_times*.json; with --grid,
 grid/ (paper_report/sweep.py) and gentle_lr{lr}_ep{epochs}/ (graft/ and the daxwug orderings again, at the grid's
 gentlest cell).
 """
@@ -155,8 +155,8 @@ def collect(model, seeds, work):
     salience = [None] * n
     for i, seed in enumerate(seeds):
         w = work / f"seed{seed}"
-        res["stage_times"][str(seed)] = {**(read_json(w / "stage_times.json") or {}),
-                                         **(read_json(w / "grid" / "stage_times.json") or {})}
+        times = [w / "stage_times.json", *sorted(w.glob("stage_times_*.json")), w / "grid" / "stage_times.json"]
+        res["stage_times"][str(seed)] = {k: v for f in times for k, v in (read_json(f) or {}).items()}
         res["preconditions"][i] = read_json(w / "preconditions.json")
         salience[i] = read_json(w / "salience.json")
         for hop in HOPS:

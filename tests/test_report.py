@@ -151,7 +151,8 @@ def test_plan_lists_every_item_after_what_it_reads(monkeypatch):
     items = R.plan([0, 1], grid=True, graft_sweep=True)
     assert [(i.kind, i.seed, i.lr) for i in items] == [
         ("sweep", 0, 3e-5), ("sweep", 0, 1e-4), ("seed", 0, None), ("grid", 0, None), ("seed", 1, None),
-        ("grid", 1, None), ("premise", 0, None), ("premise", 1, None), ("gentle", 0, None), ("gentle", 1, None)]
+        ("grid", 1, None), ("premise", 0, None), ("premise", 1, None), ("gentle", 0, None), ("gentle", 1, None),
+        ("joint", 0, None), ("joint", 1, None), ("premise_joint", 0, None), ("premise_joint", 1, None)]
     seen = set()
     for i in items:                                               # one process runs them in this order
         assert set(i.after) <= seen, i
@@ -159,9 +160,10 @@ def test_plan_lists_every_item_after_what_it_reads(monkeypatch):
     premise1 = items[7]
     assert set(premise1.after) == {("sweep", 0, 3e-5), ("sweep", 0, 1e-4), ("seed", 1, None)}
     assert set(items[9].after) == {("grid", 0, None), ("grid", 1, None), ("seed", 1, None), ("premise", 1, None)}
+    assert items[10].after == () and set(items[13].after) == {("sweep", 0, 3e-5), ("sweep", 0, 1e-4)}
     # --only-seeds 1 of 0..2: the sweep (seed 0's) is another process's, so nothing here waits for it
     assert [(i.kind, i.after) for i in R.plan([1], every=[0, 1, 2], graft_sweep=True)] == [
-        ("seed", ()), ("premise", (("seed", 1, None),))]
+        ("seed", ()), ("premise", (("seed", 1, None),)), ("joint", ()), ("premise_joint", ())]
     assert [i.kind for i in R.plan([0], grid_only=True, grid=True, graft_sweep=True)] == ["sweep", "sweep", "grid"]
 
 

@@ -28,12 +28,15 @@ def settings(tiny_dir, **kw):
 
 
 def test_final_only_evaluation_is_the_last_record_of_a_full_one(tiny_dir):
-    _, full = train.run(settings(tiny_dir))
-    _, last = train.run(settings(tiny_dir, eval="final"))
+    """eval "final" (the report's stages whose curves nobody draws) gives the same weights, to the bit, and the
+    same last record as evaluating after every epoch."""
+    full_model, full = train.run(settings(tiny_dir))
+    last_model, last = train.run(settings(tiny_dir, eval="final"))
     assert [r["epoch"] for r in last["records"]] == [2]
-    a, b = full["records"][-1], last["records"][0]
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)            # evaluating does not change the training
-    assert a["fact_mean_rank"] == b["fact_mean_rank"] and a["impl_mean_rank"] == b["impl_mean_rank"]
+    assert full["records"][-1] == last["records"][0]                  # evaluating does not change the training
+    want = full_model.state_dict()
+    for k, v in last_model.state_dict().items():
+        assert torch.equal(v, want[k]), k
 
 
 def test_replay_keeps_the_facts_in_the_implication_phase():
@@ -188,6 +191,11 @@ def test_tiny_report_end_to_end_with_grid_and_gentle_cell(tiny_dir, tmp_path, mo
     assert "at the gentle cell: lr 0.003 x 1 epochs" in text and (out / "grid.png").exists()
     assert f"`python report.py --model {res['model']} --grid --seeds 1`" in text
     assert "| 0 | grid (8 of 8 cells ok) | ok |" in text                 # the stage times: one row for the grid
+    assert "| 0 | daxwug_joint | ok |" in text                          # from the joint item's own times file
+    records = lambda d: json.loads((work / "seed0" / d / "metrics.json").read_text())["records"]
+    epochs = records("first_hop")[-1]["epoch"]
+    assert [r["epoch"] for r in records("first_hop")] == list(range(epochs + 1))   # Fig. 2 draws every epoch
+    assert [r["epoch"] for r in records("first_hop_early_pre")] == [epochs]       # Table 2 reads the last only
     assert res["fig4"]["facts_first_replay"][0] and res["salience"]["second_hop"]["n"] == 20
     assert len(R.verdicts(res)) == 9 and not any(v == "missing" for _, v, _, _ in R.verdicts(res))
     ex = json.loads((work / "seed0" / "exact_first_hop" / "exact.json").read_text())["full_ablation"]["informative"]
@@ -221,7 +229,8 @@ def test_graft_sweep_and_the_premise_cell_end_to_end(tiny_dir, tmp_path, monkeyp
     R.run_stages(str(tiny_dir), [0], work, graft_sweep=True)
     w = work / "seed0"
     times = {**json.loads((w / "graft_sweep" / "stage_times_lr0.003.json").read_text()),
-             **json.loads((w / "stage_times.json").read_text())}
+             **json.loads((w / "stage_times.json").read_text()),
+             **json.loads((w / "stage_times_premise_joint.json").read_text())}
     assert not {k: v["error"] for k, v in times.items() if v["status"] != "ok"}
     assert {"graft_sweep_lr0.003_W_F", "graft_sweep_lr0.003_W_Fp", "graft_sweep_lr0.003_ep1_W_F_ImplF",
             "graft_sweep_lr0.003_ep2_W_F_ImplF", "authors_graft", "authors_daxwug_impl_first",
@@ -230,7 +239,7 @@ def test_graft_sweep_and_the_premise_cell_end_to_end(tiny_dir, tmp_path, monkeyp
     wf = json.loads((g / "W_F" / "metrics.json").read_text())
     assert wf["args"]["schedule"] == "constant" and wf["args"]["lr"] == 3e-3 and wf["args"]["epochs"] == 1
     g2 = sweep.premise_dir(w, (3e-3, 2)) / "graft"
-    assert wf["snapshot_of"] == str(g2 / "W_F") and len(wf["records"]) == 2       # epochs 0 and 1 of the 2-epoch run
+    assert wf["snapshot_of"] == str(g2 / "W_F") and [r["epoch"] for r in wf["records"]] == [1]   # evaluated then
     wfp = json.loads((g / "W_Fp" / "metrics.json").read_text())
     assert wfp["snapshot_of"] == str(g2 / "W_Fp") and [r["epoch"] for r in wfp["records"]] == [1]
     for cell, ep in ((g, 1), (g2, 2)):                           # each cell's W_F,ImplF: from that cell's W_F
@@ -238,6 +247,17 @@ def test_graft_sweep_and_the_premise_cell_end_to_end(tiny_dir, tmp_path, monkeyp
         assert m["args"]["epochs"] == ep and Path(m["base_model"]) == cell / "W_F"
     # the graft stage reused the sweep's three trainings: they ran once, in the sweep
     assert times["graft_sweep_lr0.003_W_F"]["status"] == "ok"
+    # nothing at the sweep's cells or the premise cell is read but each phase's last ranks: each stage evaluated
+    # after its last epoch only (a snapshot: at its epoch)
+    cell = sweep.premise_dir(w, (3e-3, 1))
+    for m in [cell / "graft" / n / "metrics.json" for n in ("W_F_ImplF", "W_ImplF", "W_F_ImplF_test")] + \
+            [g2 / n / "metrics.json" for n in ("W_F", "W_Fp", "W_F_ImplF")] + \
+            [cell / o / p / "metrics.json" for o, p in (("daxwug_impl_first", "pretrain_facts"),
+                                                         ("daxwug_facts_first_replay", "finetune"))]:
+        m = json.loads(m.read_text())
+        assert m["args"]["eval"] == "final" and len(m["records"]) == 1, m["base_model"]
+    joint = json.loads((cell / "daxwug_joint" / "metrics.json").read_text())["records"]
+    assert [(r["phase"], r["epoch"]) for r in joint] == [("pretrain_joint", 1), ("finetune", 1)]
     res = R.collect(str(tiny_dir), [0], work)
     assert set(res["graft_sweep"]["0.003:1"]) == {"F (W_F)", "Impl F (W_F,ImplF)", "F (W_F,ImplF)", "F' (W_F')"}
     assert res["premise"]["fig6_authors"]["mlp"]["n"] > 0 and res["premise"]["settings"]["lr"] == 3e-3
