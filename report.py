@@ -209,7 +209,7 @@ def run_item(model, work, device, item, every, base):
     elif item.kind == "grid":
         run_list(seed, w / "grid", sweep.grid_stages(s, w, base, log))
     elif item.kind == "joint":                                    # its own times file: it runs beside the seed's
-        run_list(seed, w, joint_stage(s, w, base), "stage_times_joint.json")
+        run_list(seed, w, joint_stage(s, w, base), f"stage_times_{item.kind}.json")
     elif item.kind in ("premise", "premise_joint"):
         cell = sweep.premise_cell(sweep.collect_graft_sweep(work / f"seed{every[0]}"))
         if cell is None:
@@ -218,7 +218,7 @@ def run_item(model, work, device, item, every, base):
         log(f"seed {seed}: the graft sweep's premise cell is lr {cell[0]:g} x {cell[1]} epochs (constant rate)")
         joint = item.kind == "premise_joint"
         run_list(seed, w, premise_stages(model, s, w, base, device, cell, joint),
-                 "stage_times_premise_joint.json" if joint else "stage_times.json")
+                 f"stage_times_{item.kind}.json" if joint else "stage_times.json")
     elif item.kind == "gentle":
         cell = sweep.gentlest(sweep.collect_grid(work, every), sweep.base_impl(work, every))
         if cell is None:

@@ -206,7 +206,7 @@ def grid_section(res, img):
 # seed, seed 0 reusing the sweep's stages (graft.sweep_stages and report.premise_stages). Nothing of a cell but
 # its last ranks is reported, and nothing of the premise cell's stages but each phase's last: they evaluate after
 # their last epoch only (eval "final"; a snapshot evaluates at its epoch), which changes no weight and no reported
-# number (tests/test_sweep.py) and saves about an eighth of the report's time.
+# number (tests/test_sweep.py) and saves about a tenth of the report's stage time (bench/README.md).
 
 GRAFT_LRS = (3e-5, 1e-4)             # constant; the authors' 1B sweep: {1e-6, 3e-6, 1e-5, 3e-5}
 GRAFT_EPOCHS = (8, 16)
