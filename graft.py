@@ -170,7 +170,7 @@ def per_entry(model_a, model_b, tok, examples, kind, mlp_kind=None):
     """Linearized `kind` scores (scores.py, eqs. 4-9; the MLPs' `mlp_kind`, default `kind`) averaged over prompts on
     the anchor's positions, in the authors' units: one entry per position x layer (MLPs, (Ta, L)) and position x
     layer x head (heads, (Ta, L, H))."""
-    sc, _, _ = scores.score(model_a, model_b, tok, examples, log=lambda *_: None, upstream=False)
+    sc, _, _ = scores.score(model_a, model_b, tok, examples, log=lambda *_: None, kinds=(kind,))   # that one only
     return sc[f"{mlp_kind or kind}.mlp"], sc[f"{kind}.attn"]
 
 

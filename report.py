@@ -11,7 +11,8 @@ sharded over the ranks (run_setup/dist.py) instead of copying a loaded base, whi
 every prompt, the same numbers as one process; scores.run and Fig. 6 shard W and W' and share the prompts out; rank 0
 alone logs and writes, and after every stage the ranks agree on whether it worked (dist.agree) before the next one:
     first_hop, second_hop          train.run: Fig. 2; Table 2 None (last epoch) and All (epoch 0: the base)
-    scores_first_hop, _second_hop  scores.run on those finetunes: Fig. 3
+    scores_first_hop, _second_hop  scores.run on those finetunes: Fig. 3 (eq. 6's upstream scores at the first seed
+                                   only: REPORT.md reads the informative and downstream ones and draws that seed's)
     freeze_post_{hop}.json         Table 2 Early / Late: the plain finetune with its early / late layers reset to
                                    the base, which is what `train.py --freeze X --freeze-when post` computes
                                    (it trains the same model with the same seed first): no second training
@@ -103,9 +104,9 @@ def of_base(base, out, measure, *args):
     dist.on_main(write_json, out, measure(m, load_tokenizer(m.source), *args))
 
 
-def stages(model, seed, w, base, device):
+def stages(model, seed, w, base, device, upstream=True):
     """(name, output that marks it done, action) for one seed, cheapest first. `base()`: the base model, loaded
-    once when a stage first needs it."""
+    once when a stage first needs it; `upstream`: the scores stages compute eq. 6's upstream scores too."""
     s = graft.work_settings(model, seed, device)
     fine = lambda out, **kw: (lambda: finetune_stage(base, dataclasses.replace(s, out=str(out), **kw)))
     out = [("preconditions", w / "preconditions.json",
@@ -113,7 +114,8 @@ def stages(model, seed, w, base, device):
     for hop in HOPS:
         out.append((hop, w / hop / "metrics.json", fine(w / hop, dataset=hop)))
         out.append((f"scores_{hop}", w / f"scores_{hop}" / "scores.safetensors",
-                    lambda hop=hop: scores.run(model, w / hop, w / f"scores_{hop}", device=device, log=log)))
+                    lambda hop=hop: scores.run(model, w / hop, w / f"scores_{hop}", device=device, log=log,
+                                               kinds=scores.KINDS if upstream else ("informative", "downstream"))))
         out.append((f"freeze_post_{hop}", w / f"freeze_post_{hop}.json",
                     lambda hop=hop: freeze_post(model, w / hop, hop, seed, w / f"freeze_post_{hop}.json", device)))
         for which in ("early", "late"):
@@ -205,7 +207,7 @@ def run_item(model, work, device, item, every, base):
         run_list(seed, w / "graft_sweep", graft.sweep_stages(s, w, base, log, lrs=(item.lr,)),
                  f"stage_times_lr{item.lr:g}.json")
     elif item.kind == "seed":
-        run_list(seed, w, stages(model, seed, w, base, device))
+        run_list(seed, w, stages(model, seed, w, base, device, upstream=seed == every[0]))
     elif item.kind == "grid":
         run_list(seed, w / "grid", sweep.grid_stages(s, w, base, log))
     elif item.kind == "joint":                                    # its own times file: it runs beside the seed's

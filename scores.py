@@ -44,6 +44,7 @@ from fused_kernels.grad_delta import grad_delta
 from model import Taps, upcast
 
 MLP_MAPS = ("gate_proj", "up_proj", "down_proj")
+KINDS = ("informative", "downstream", "upstream")               # the three scores; linearized computes any of them
 
 
 # --- positions: align prompts of one template -------------------------------------------------------
@@ -175,10 +176,14 @@ def late_gradients(model_a, model_b, b, ta):
     return g_attn, g_mlp
 
 
-def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
-    """Per-prompt, per-position scores: dict of (N, T, L) for MLPs and (N, T, L, H) for heads. Keys
-    {informative, downstream, upstream, upstream_authors}.{mlp, attn}; with upstream=False only the first two,
-    without eq. 6's partial passes (most of the time). `log` hears after each pass."""
+def linearized(model_a, model_b, b, log=lambda *_: None, kinds=KINDS):
+    """Per-prompt, per-position scores of `kinds` (some of KINDS; bit for bit the same whatever else is computed):
+    (N, T, L) for MLPs, (N, T, L, H) for heads, keyed {informative, downstream, upstream, upstream_authors}.{mlp, attn}
+    and informative_down.mlp (informative brings informative_down, upstream upstream_authors). Without upstream, no
+    eq. 6 partial passes (most of the time) and no backward at W'; without downstream, no pass 3. `log`: per pass."""
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"kinds must be some of {KINDS}, not {kinds!r}")
+    upstream = "upstream" in kinds
     cfg = model_a.config
     H, K, E, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     G = H // K
@@ -195,11 +200,10 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
         log(f"  pass 2/3 (forward and backward at W') done, {time.time() - t0:.0f} s")
         g_attn, g_mlp = late_gradients(model_a, model_b, b, ta)  # eq. 6's g', W_late <- W'_late
         log(f"  eq. 6's partial passes ({L} layers) done, {time.time() - t0:.0f} s; pass 3/3, the scores per layer")
-    else:                                                          # pass 2 as eq. 5 needs it: W' activations only
+    elif "downstream" in kinds:                                    # pass 2 as eq. 5 needs it: W' activations only
         with torch.no_grad():
             rewards(model_b, b, tb := Taps())
-    kinds = ("informative", "downstream") + (("upstream", "upstream_authors") if upstream else ())
-    out = {f"{s}.{c}": [] for s in kinds for c in ("mlp", "attn")} | {"informative_down.mlp": []}
+    out = {}
     with torch.no_grad():
         for l in progress(dist.layer_by_layer(model_a, model_b), "pass 3/3, the scores", L, "layer"):   # torchrun:
             p = f"layers.{l}."                                     # layer l's weights whole, then freed
@@ -217,31 +221,31 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
                     s = s + (gb.view(N * T, groups, -1).sum(-1) if split == "out" else gb.sum(-1, keepdim=True) / groups)
                 return s.view(N, T, groups)
 
-            # informative, heads: q rows and o columns per head; k, v rows per kv head, split over its G heads
-            attn = "self_attn."
-            inf_h = informative_map(grad(ta, "q"), a("attn_in"), attn + "q_proj", H, "out")
-            kv = informative_map(grad(ta, "k"), a("attn_in"), attn + "k_proj", K, "out") \
-                + informative_map(grad(ta, "v"), a("attn_in"), attn + "v_proj", K, "out")
-            inf_h = inf_h + kv.repeat_interleave(G, dim=-1) / G
-            inf_h = inf_h + informative_map(grad(ta, "attn_out"), a("z"), attn + "o_proj", H, "in")
-            # informative, MLP: all three maps (the reference implementation drops up_proj)
-            inf_m = sum(informative_map(grad(ta, m), a(x), "mlp." + m + "_proj", 1, "out")[..., 0]
-                        for m, x in (("gate", "mlp_in"), ("up", "mlp_in")))
-            inf_down = informative_map(grad(ta, "mlp_out"), a("mlp_act"), "mlp.down_proj", 1, "out")[..., 0]
-            inf_m = inf_m + inf_down                               # informative_down: the authors' MLP score
-
-            # pass 3: the components at W on their W' inputs (residual stream from the W' run)
-            tc = Taps()
-            block = model_a.layers[l]
-            block.attn_sublayer(tb[p + "resid_pre"].detach(), rope, mask, tc)
-            block.mlp_sublayer(tb[p + "resid_mid"].detach(), tc)
+            block, got = model_a.layers[l], {}
             # a head's write is W_o[:, h] z_h, so g . W_o[:, h] dz_h = (dR/dz)_h . dz_h: the gradient at z
             per_head = lambda u, v: (u * v).view(N, T, H, E).sum(-1)
-            gz = grad(ta, "z")                                     # (N, T, H*E) = g_attn_out W_o
-            down_h = per_head(gz, upcast(tc[p + "z"]) - a("z"))    # eq. 5/8
-            down_m = (grad(ta, "mlp_out") * (upcast(tc[p + "mlp_out"]) - a("mlp_out"))).sum(-1)
-            got = {"informative.mlp": inf_m, "informative.attn": inf_h, "downstream.mlp": down_m,
-                   "downstream.attn": down_h, "informative_down.mlp": inf_down}
+            if "informative" in kinds:
+                # heads: q rows and o columns per head; k, v rows per kv head, split over its G heads
+                attn = "self_attn."
+                inf_h = informative_map(grad(ta, "q"), a("attn_in"), attn + "q_proj", H, "out")
+                kv = informative_map(grad(ta, "k"), a("attn_in"), attn + "k_proj", K, "out") \
+                    + informative_map(grad(ta, "v"), a("attn_in"), attn + "v_proj", K, "out")
+                inf_h = inf_h + kv.repeat_interleave(G, dim=-1) / G
+                inf_h = inf_h + informative_map(grad(ta, "attn_out"), a("z"), attn + "o_proj", H, "in")
+                # MLP: all three maps (the reference implementation drops up_proj)
+                inf_m = sum(informative_map(grad(ta, m), a(x), "mlp." + m + "_proj", 1, "out")[..., 0]
+                            for m, x in (("gate", "mlp_in"), ("up", "mlp_in")))
+                inf_down = informative_map(grad(ta, "mlp_out"), a("mlp_act"), "mlp.down_proj", 1, "out")[..., 0]
+                got |= {"informative.mlp": inf_m + inf_down, "informative.attn": inf_h,
+                        "informative_down.mlp": inf_down}          # informative_down: the authors' MLP score
+            if "downstream" in kinds:
+                # pass 3: the components at W on their W' inputs (residual stream from the W' run)
+                tc = Taps()
+                block.attn_sublayer(tb[p + "resid_pre"].detach(), rope, mask, tc)
+                block.mlp_sublayer(tb[p + "resid_mid"].detach(), tc)
+                gz = grad(ta, "z")                                 # (N, T, H*E) = g_attn_out W_o
+                got["downstream.attn"] = per_head(gz, upcast(tc[p + "z"]) - a("z"))              # eq. 5/8
+                got["downstream.mlp"] = (grad(ta, "mlp_out") * (upcast(tc[p + "mlp_out"]) - a("mlp_out"))).sum(-1)
             if upstream:
                 # upstream: (g' - g) . (y - y*), with the head's write through W_o at W                 eq. 6/9
                 dz = a("z") - aligned_mean_of_others(a("z"), b.pos, b.Ta)
@@ -252,20 +256,23 @@ def linearized(model_a, model_b, b, log=lambda *_: None, upstream=True):
                 got["upstream_authors.attn"] = per_head((grad(tb, "attn_out") - grad(ta, "attn_out")) @ Wo, dz)
                 got["upstream_authors.mlp"] = ((grad(tb, "mlp_out") - grad(ta, "mlp_out")) * dy).sum(-1)  # all W'
             for key, v in got.items():
-                out[key].append(v.float())
+                out.setdefault(key, []).append(v.float())
     return {k: torch.stack(v, dim=2) for k, v in out.items()}     # (N, T, L) or (N, T, L, H)
 
 
 # --- outputs: tensors, figure (paper Fig. 3), summary -----------------------------------------------
 
 def figure(scores, tokens, title):
-    """Rows downstream / informative / upstream (eq. 6 as defined); columns MLPs and attention (heads summed);
-    layer x position. One colour scale a row (a score kind), symmetric, so MLPs and heads compare within a kind."""
+    """Rows downstream / informative / upstream (eq. 6 as defined), those `scores` has; columns MLPs and attention
+    (heads summed); layer x position. One colour scale a row (a score kind), symmetric, so MLPs and heads compare
+    within a kind."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 2, figsize=(3 + 0.5 * len(tokens) * 2, 11), squeeze=False, layout="constrained")
-    for r, kind in enumerate(("downstream", "informative", "upstream")):
+    rows = [k for k in ("downstream", "informative", "upstream") if f"{k}.mlp" in scores]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(3 + 0.5 * len(tokens) * 2, 11 * len(rows) / 3), squeeze=False,
+                             layout="constrained")
+    for r, kind in enumerate(rows):
         vs = [(scores[f"{kind}.attn"].sum(-1) if comp == "attn" else scores[f"{kind}.mlp"]).T.numpy()   # (L, Ta)
               for comp in ("mlp", "attn")]
         m = max(float(abs(v).max()) for v in vs) or 1.0           # symmetric limits: nothing saturates
@@ -283,7 +290,7 @@ def figure(scores, tokens, title):
 
 def top_components(scores, tokens, k=5):
     lines = []
-    for kind in ("informative", "downstream", "upstream"):
+    for kind in [k for k in KINDS if f"{k}.mlp" in scores]:
         mlp, attn = scores[f"{kind}.mlp"], scores[f"{kind}.attn"]           # (Ta, L), (Ta, L, H)
         items = [(float(v), f"MLP {l} @ {t}:{tokens[t]!r}") for (t, l), v in zip(
             torch.cartesian_prod(*map(torch.arange, mlp.shape)).tolist(), mlp.flatten())]
@@ -306,9 +313,9 @@ def load_pair(ckpt_a, ckpt_b, device, log=print):
     return model_a, model_b, load_tokenizer(ckpt_a)
 
 
-def score(model_a, model_b, tok, examples, log=print, upstream=True):
-    """Every linearized score (upstream=False: informative and downstream only), averaged over prompts on the
-    anchor's positions: ({key: (Ta, L[, H])}, tokens).
+def score(model_a, model_b, tok, examples, log=print, kinds=KINDS):
+    """The linearized scores of `kinds` (linearized), averaged over prompts on the anchor's positions:
+    ({key: (Ta, L[, H])}, tokens, prompts).
     Under torchrun each rank runs the three batched passes on its share of the prompts (aligned on all of them;
     y* of eq. 6 sums over every rank's prompts); the per-prompt sums are added over the ranks."""
     b = make_prompts(tok, examples, next(model_a.parameters()).device)
@@ -318,8 +325,8 @@ def score(model_a, model_b, tok, examples, log=print, upstream=True):
         raise UserError(f"{N} prompts for {n_ranks} processes: launch at most {N} (torchrun --nproc_per_node {N})")
     mine = b.subset(torch.arange(N, device=b.ids.device).chunk(n_ranks)[dist.rank()]) if n_ranks > 1 else b
     log(f"scoring {N} prompts ({T} positions): 3 batched passes" + (" and one partial pass per layer (eq. 6)"
-        if upstream else "") + (f", {n_ranks} processes" if n_ranks > 1 else ""))
-    lin = linearized(model_a, model_b, mine, log, upstream)
+        if "upstream" in kinds else "") + (f", {n_ranks} processes" if n_ranks > 1 else ""))
+    lin = linearized(model_a, model_b, mine, log, kinds)
     tokens = [tok.decode([i]) for i in b.ids[b.anchor, :b.Ta].tolist()]        # readable labels
     n_mine = mine.ids.shape[0]
     if n_ranks == 1:
@@ -342,8 +349,9 @@ def write(out, scores_, tokens, settings, title, overwrite=False, log=print):
 
 
 def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", device="cpu", overwrite=False,
-        log=print, revision=None):
-    """What `python scores.py` does, as a function (report.py calls it). `revision`: ckpt_a's, a hub id's."""
+        log=print, revision=None, kinds=KINDS):
+    """What `python scores.py` does, as a function (report.py calls it). `revision`: ckpt_a's, a hub id's; `kinds`:
+    the scores to compute (linearized)."""
     t0 = time.time()
     name_a = ckpt_a
     if revision is not None:                                      # that snapshot's directory, for every use below
@@ -360,13 +368,13 @@ def run(ckpt_a, ckpt_b, out, dataset=None, seed=None, split="implications", devi
     dist.on_main(check_output, out, "scores", overwrite, inputs=preflight.inputs([resolve(ckpt_a), resolve(ckpt_b)],
                                                                                    dataset), log=log)
     model_a, model_b, tok = load_pair(ckpt_a, ckpt_b, device, log)
-    sc, tokens, b = score(model_a, model_b, tok, splits[split], log)
+    sc, tokens, b = score(model_a, model_b, tok, splits[split], log, kinds)
     if not dist.is_main():
         return sc
     settings = {"ckpt_a": str(name_a), "revision": revision, "ckpt_b": str(ckpt_b),
                 "ckpt_a_dir": str(resolve(ckpt_a)),
                 "dataset": str(dataset), "seed": seed, "split": split, "n_prompts": b.ids.shape[0],
-                "chance_mean_rank": chance[split],
+                "chance_mean_rank": chance[split], "kinds": list(kinds),
                 "anchor_prompt": splits[split][b.anchor].prompt, "anchor_tokens": tokens,
                 "reward": "logit(answer first token) - mean over candidates' first tokens",
                 "upstream": "eq. 6 as defined (W_late <- W'_late); upstream_authors: g' from the full pass at W'",
@@ -394,13 +402,16 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true",
                     help="replace --out even if it is not a scores directory of ours (by default an error)")
     ap.add_argument("--device", type=cli.device_name, default=cli.default_device(), help="torch device")
+    ap.add_argument("--no-upstream", action="store_true", help="informative and downstream scores only: no eq. 6 "
+                    "partial passes (one per layer: most of the time) and no backward at W'")
     cli.threads_flag(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out or Path("runs") / f"{Path(str(args.ckpt_b)).name}.scores")
+    kinds = tuple(k for k in KINDS if not (args.no_upstream and k == "upstream"))
     try:
         return cli.run(lambda: run(args.ckpt_a, args.ckpt_b, out, args.dataset, args.seed, args.split, args.device,
-                                   args.overwrite, revision=args.revision))
+                                   args.overwrite, revision=args.revision, kinds=kinds))
     finally:
         dist.close()
 

@@ -127,6 +127,14 @@ def test_scores_png(Ta):
     for kind in range(3):                                          # one colour scale within each score kind
         assert images[2 * kind].get_clim() == images[2 * kind + 1].get_clim()
     assert problems(fig) == []
+    plt.close(fig)
+    two = {k: v for k, v in sc.items() if not k.startswith("upstream")}       # scores.py --no-upstream
+    fig = scores.figure(two, tokens[:Ta], "first_hop: first_hop implications")
+    assert [ax.get_title() for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"] == \
+        ["downstream: MLP", "downstream: attention (heads summed)", "informative: MLP",
+         "informative: attention (heads summed)"]
+    assert problems(fig) == []
+    assert [line.split(":")[0] for line in scores.top_components(two, tokens[:Ta])] == ["informative", "downstream"]
 
 
 # --- report.py: fig2, fig4, fig6, grid -----------------------------------------------------------------------------

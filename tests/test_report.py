@@ -108,7 +108,7 @@ def test_failed_stage_does_not_stop_the_rest(tmp_path, monkeypatch):
     fake = [("a", tmp_path / "seed0" / "a.txt", lambda: fail("error: boom")),
             ("b", done, lambda: done.write_text("x")),
             ("c", tmp_path / "seed0" / "c.txt", lambda: (_ for _ in ()).throw(RuntimeError("kaput")))]
-    monkeypatch.setattr(R, "stages", lambda model, seed, w, base, device: fake)
+    monkeypatch.setattr(R, "stages", lambda model, seed, w, base, device, **kw: fake)
     R.run_stages("m", [0], tmp_path)
     times = json.loads((tmp_path / "seed0" / "stage_times.json").read_text())
     assert times["a"]["status"] == "failed" and "boom" in times["a"]["error"]
@@ -129,7 +129,7 @@ def test_only_seeds_runs_those_seeds_and_writes_no_report(tmp_path, monkeypatch,
     assert calls == [([1, 2], True, [0, 1, 2])] and not out.exists()   # those seeds, no report
     # their gentle-cell stages at the cell chosen on every seed's grid, not on theirs alone
     chosen, ran = [], []
-    monkeypatch.setattr(R, "stages", lambda *a: [])
+    monkeypatch.setattr(R, "stages", lambda *a, **kw: [])
     monkeypatch.setattr(R.sweep, "grid_stages", lambda *a: [])
     monkeypatch.setattr(R.sweep, "collect_grid", lambda work, seeds: chosen.append(seeds) or {})
     monkeypatch.setattr(R.sweep, "base_impl", lambda work, seeds: chosen.append(seeds) or 9.0)
@@ -205,3 +205,18 @@ def test_workers_take_items_up_in_plan_order_after_what_they_read(tmp_path, monk
     spans = sorted((r["start"], r["end"]) for r in ran.values())
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))      # they overlap: in parallel
     assert "seed 1 seed: its worker FAILED: a worker's item fails" in said
+
+
+def test_only_the_first_seed_scores_upstream(tmp_path, monkeypatch):
+    """eq. 6's partial passes (most of a scores stage) run at the report's first seed, whose scores.png REPORT.md
+    shows; the others compute what REPORT.md reads of them (Fig. 3's informative and downstream statistics)."""
+    seen = {}
+    monkeypatch.setattr(R.scores, "run", lambda model, a, out, **kw: seen.__setitem__(f"{a.parent.name}/{a.name}",
+                                                                                      kw["kinds"]))
+    monkeypatch.setattr(R, "run_list", lambda seed, w, todo, *a: [fn() for name, _, fn in todo
+                                                                  if name.startswith("scores_")])
+    for seed in (0, 1, 2):
+        R.run_item("stub-model", tmp_path, "cpu", R.workers_.Item("seed", seed), [0, 1, 2], base=None)
+    two = ("informative", "downstream")
+    assert seen == {"seed0/first_hop": R.scores.KINDS, "seed0/second_hop": R.scores.KINDS,
+                    "seed1/first_hop": two, "seed1/second_hop": two, "seed2/first_hop": two, "seed2/second_hop": two}

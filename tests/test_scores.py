@@ -145,14 +145,22 @@ def test_padding_and_batching_do_not_change_scores(tmp_path):
         assert (lin2[k][:, p.ids.shape[1]:] == 0).all()
 
 
-def test_without_upstream_the_other_scores_are_the_same(tmp_path):
-    """upstream=False (Fig. 6's per_entry) skips eq. 6's passes and pass 2's backward, and nothing else."""
+def test_each_kind_alone_is_the_same_as_with_the_others(tmp_path):
+    """kinds: any subset of the scores (report.py's later seeds skip upstream, Fig. 6's per_entry computes one kind)
+    gives those scores bit for bit, and only those keys."""
     a, b = tiny_pair(tmp_path)
-    full, part = S.linearized(a, b, prompts()), S.linearized(a, b, prompts(), upstream=False)
-    assert set(part) == {f"{k}.{c}" for k in ("informative", "downstream") for c in ("mlp", "attn")} | \
-        {"informative_down.mlp"}
-    for k in part:
-        assert torch.equal(part[k], full[k]), k
+    full = S.linearized(a, b, prompts())
+    keys = {"informative": {"informative.mlp", "informative.attn", "informative_down.mlp"},
+            "downstream": {"downstream.mlp", "downstream.attn"},
+            "upstream": {f"{k}.{c}" for k in ("upstream", "upstream_authors") for c in ("mlp", "attn")}}
+    assert set(full) == set().union(*keys.values())
+    for kinds in (("informative", "downstream"), ("informative",), ("downstream",), ("upstream",)):
+        part = S.linearized(a, b, prompts(), kinds=kinds)
+        assert set(part) == set().union(*(keys[k] for k in kinds)), kinds
+        for k in part:
+            assert torch.equal(part[k], full[k]), (kinds, k)
+    with pytest.raises(ValueError, match="kinds"):
+        S.linearized(a, b, prompts(), kinds=("downstream", "exact"))
 
 
 def test_informative_down_is_the_down_projections_term_alone(tmp_path):
@@ -161,13 +169,13 @@ def test_informative_down_is_the_down_projections_term_alone(tmp_path):
     a, b = tiny_pair(tmp_path, eps=0.0)
     with torch.no_grad():
         b.layers[1].mlp.down_proj.weight.add_(0.05)
-    lin = S.linearized(a, b, prompts(), upstream=False)
+    lin = S.linearized(a, b, prompts(), kinds=("informative",))
     assert lin["informative_down.mlp"].abs().sum() > 0
     torch.testing.assert_close(lin["informative_down.mlp"], lin["informative.mlp"], rtol=1e-5, atol=1e-7)
     with torch.no_grad():
         b.layers[1].mlp.down_proj.weight.copy_(a.layers[1].mlp.down_proj.weight)
         b.layers[1].mlp.up_proj.weight.add_(0.05)
-    lin = S.linearized(a, b, prompts(), upstream=False)
+    lin = S.linearized(a, b, prompts(), kinds=("informative",))
     assert lin["informative.mlp"].abs().sum() > 0 and lin["informative_down.mlp"].abs().sum() == 0
 
 
@@ -232,3 +240,11 @@ def test_alignment_buffers_live_on_the_activations_device():
     t = b.pos[0, 0]
     others = [y[i, (b.pos[i] == t).nonzero()[0, 0]] for i in range(1, N) if (b.pos[i] == t).any()]
     torch.testing.assert_close(ystar[0, 0], torch.stack(others).mean(0))
+
+
+def test_no_upstream_flag_asks_for_the_other_two_kinds(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(S, "run", lambda *a, **kw: seen.append(kw["kinds"]))
+    S.main(["a", "b", "--out", str(tmp_path / "o")])
+    S.main(["a", "b", "--out", str(tmp_path / "o"), "--no-upstream"])
+    assert seen == [S.KINDS, ("informative", "downstream")]

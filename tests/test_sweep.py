@@ -223,7 +223,7 @@ def test_graft_sweep_and_the_premise_cell_end_to_end(tiny_dir, tmp_path, monkeyp
     in both Fig. 6 definitions."""
     monkeypatch.setattr(sweep, "GRAFT_LRS", (3e-3,))
     monkeypatch.setattr(sweep, "GRAFT_EPOCHS", (1, 2))
-    monkeypatch.setattr(R, "stages", lambda *a: [])
+    monkeypatch.setattr(R, "stages", lambda *a, **kw: [])
     monkeypatch.setattr(sweep, "premise_cell", lambda sw: (3e-3, 1) if sw else None)   # the tiny model's ranks aside
     work = tmp_path / "work"
     R.run_stages(str(tiny_dir), [0], work, graft_sweep=True)

@@ -47,8 +47,8 @@ def shrunk_report(model, work):
     sweep.LRS, sweep.EPOCHS, sweep.LEARNED = (1e-2,), (1,), -1.0  # one cell per hop; no gentle cell
     full = report.stages
 
-    def stages(model, seed, w, base, device):
-        keep = [st for st in full(model, seed, w, base, device) if st[0] in KEEP]
+    def stages(model, seed, w, base, device, **kw):
+        keep = [st for st in full(model, seed, w, base, device, **kw) if st[0] in KEEP]
         return keep[:2] + [("fails_on_the_last_rank", w / "never", fail_on_the_last_rank)] + keep[2:]
     report.stages = stages
     w = Path(work) / "seed0"
