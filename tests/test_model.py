@@ -142,3 +142,17 @@ def test_bf16_sublayer_inputs_are_cast_once(tmp_path, monkeypatch, padded_batch)
     assert attn_in.dtype == torch.bfloat16 and ref_in.dtype == torch.float32
     assert torch.equal(logits, ref_logits)
     torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-2 * ref_grad.abs().max().item())
+
+
+def test_loading_runs_no_random_init_on_meta(default_ckpt):
+    """A model is built on the meta device and filled from its checkpoint: no random init runs, so the meta
+    kernels of normal_ (Python decompositions that import sympy, about a second) are never reached. In a fresh
+    process: this one has imported sympy with transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; from checkpoint_io.checkpoint import from_pretrained; "
+            f"m = from_pretrained({str(default_ckpt)!r}); assert 'sympy' not in sys.modules, 'sympy was imported'; "
+            "assert m.model.embed_tokens.weight.abs().sum() > 0")
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
